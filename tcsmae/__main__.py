@@ -1,0 +1,5 @@
+import sys
+
+from tcsmae.cli import main
+
+sys.exit(main())

@@ -1,0 +1,87 @@
+"""The `tcsmae` console command: one subcommand per module.
+
+Each subcommand lives in its own module, which defines
+
+    HELP: str                                   one line for `tcsmae --help`
+    def add_arguments(parser) -> None           fills an argparse sub-parser
+    def run(args) -> int                        does the work, returns the exit code
+
+Modules are imported lazily (only the chosen one), so `tcsmae --help` and the data-side
+commands never pay for importing torch or DALI. Heavy imports inside those modules go in
+functions, not at module top, for the same reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> module. Order is the order shown in --help.
+COMMANDS: dict[str, str] = {
+    "phantom": "tcsmae.convert.phantom",
+    "convert": "tcsmae.convert.dicom_to_zarr",
+    "convert-nifti": "tcsmae.convert.nifti_to_zarr",
+    "info": "tcsmae.convert.info",
+    "preview": "tcsmae.pipelines.preview",
+    "pretrain": "tcsmae.pretrain",
+    "export": "tcsmae.export",
+    "finetune": "tcsmae.finetune",
+    "predict": "tcsmae.predict",
+    "report": "tcsmae.report",
+    "recon-ssim": "tcsmae.recon_ssim",
+    "visualize": "tcsmae.visualize",
+    "bench": "tcsmae.bench",
+}
+
+
+def _load(name: str):
+    return importlib.import_module(COMMANDS[name])
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; with `only`, just that subcommand gets its arguments (lazy import)."""
+    parser = argparse.ArgumentParser(
+        prog="tcsmae",
+        description="TCS-MAE: self-supervised segmentation pretraining on chest CT.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name in COMMANDS.items():
+        if only is not None and name != only:
+            sub.add_parser(name, add_help=False)
+            continue
+        try:
+            module = _load(name)
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith("tcsmae"):
+                continue  # subcommand not built yet in this checkout
+            raise
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = next((a for a in argv if not a.startswith("-")), None)
+    only = first if first in COMMANDS else None
+    parser = build_parser(only)
+    args = parser.parse_args(argv)
+    if getattr(args, "_run", None) is None:
+        parser.print_help()
+        return 2
+    from tcsmae.errors import UserError
+
+    try:
+        return int(args._run(args) or 0)
+    except UserError as exc:
+        print(f"tcsmae {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
