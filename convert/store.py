@@ -1,0 +1,465 @@
+"""The tcsmae CT store: a Zarr v3 group of HU volumes plus a slice index.
+
+Layout of ``NAME.zarr`` (docs/store-format.md has the full description):
+
+    zarr.json                  group attrs: format="tcsmae-ct", format_version=1
+    images/<case_id>           HU, (Z, Y, X) int16 or float32, chunks (1, Y, X), shards (64, Y, X)
+    labels/<case_id>           integer label map, same shape and grid (optional)
+    slice_index.npz            the list of committed cases and their slices (see below)
+    .writer.lock               held by the one process allowed to write
+
+Axis order of every stored array is that of an axial DICOM: Z = slices ascending along the
+slice normal, Y = rows (anterior -> posterior), X = columns (patient right -> left).
+
+Commit protocol: a case's arrays are written completely first; then ``slice_index.npz`` is
+rewritten to a temporary file and atomically renamed over the old one. A case exists for
+readers only once the index lists it, so readers never see half a case, and a crash leaves
+only unlisted arrays, which the next writer deletes. A store without an index is refused.
+
+Slice index arrays (all 1-D, saved with ``np.savez``, no pickles):
+
+    case_ids       (C,) str      case ids in commit order; "case index" i means case_ids[i]
+    case_sha256    (C,) str      source digest of each case (to skip unchanged sources)
+    slice_case     (S,) int32    case index of each slice
+    slice_z        (S,) int32    z of each slice within its case
+    body_fraction  (S,) float32  fraction of the slice's pixels with HU > -500 (inside the body)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tcsmae.errors import UserError
+
+FORMAT = "tcsmae-ct"
+FORMAT_VERSION = 1
+INDEX_FILE = "slice_index.npz"
+LOCK_FILE = ".writer.lock"
+BODY_HU = -500.0
+SHARD_SLICES = 64
+CODECS = ("zstd", "lz4", "none")
+_CASE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+
+def check_case_id(case_id: str) -> str:
+    """Return ``case_id`` if it is a safe array name, else raise UserError with the fix."""
+    if not isinstance(case_id, str) or not _CASE_ID_RE.match(case_id):
+        raise UserError(
+            f"case id {case_id!r} is not usable as a store name: use letters, digits, '.', '_' "
+            "and '-' only (at most 200 characters, starting with a letter or digit); "
+            "pass --case-id to choose one"
+        )
+    return case_id
+
+
+def body_fraction(hu: np.ndarray) -> np.ndarray:
+    """Fraction of pixels inside the body per slice.
+
+    hu: (Z, Y, X) int16 or float32, Hounsfield units.
+    Returns (Z,) float32 in [0, 1]: mean of (HU > -500) over each slice.
+    """
+    hu = np.asarray(hu)
+    return (hu > BODY_HU).mean(axis=(1, 2), dtype=np.float64).astype(np.float32)
+
+
+def storage_dtype(hu: np.ndarray) -> np.dtype:
+    """int16 when every value is an exact integer that fits in int16, else float32."""
+    hu = np.asarray(hu)
+    if np.issubdtype(hu.dtype, np.integer):
+        if hu.size == 0 or (hu.min() >= -32768 and hu.max() <= 32767):
+            return np.dtype(np.int16)
+        return np.dtype(np.float32)
+    if not np.all(np.isfinite(hu)):
+        return np.dtype(np.float32)
+    if hu.size and hu.min() >= -32768 and hu.max() <= 32767 and np.array_equal(hu, np.round(hu)):
+        return np.dtype(np.int16)
+    return np.dtype(np.float32)
+
+
+def content_sha256(array: np.ndarray) -> str:
+    """SHA-256 of an array's C-order bytes (as stored), for `tcsmae info --verify`."""
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def _compressors(codec: str):
+    if codec not in CODECS:
+        raise UserError(f"unknown codec {codec!r}: choose one of {', '.join(CODECS)}")
+    if codec == "none":
+        return None
+    if codec == "lz4":
+        import warnings
+
+        from numcodecs.zarr3 import LZ4
+
+        with warnings.catch_warnings():  # "not in the Zarr v3 spec": known, recorded in attrs
+            warnings.simplefilter("ignore")
+            return LZ4(acceleration=1)
+    from zarr.codecs import ZstdCodec
+
+    return ZstdCodec(level=3)
+
+
+def _jsonable(value: Any) -> Any:
+    """Attributes as plain JSON types (NumPy scalars and arrays become Python lists/numbers)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def write_case_arrays(
+    path: str | os.PathLike,
+    case_id: str,
+    hu: np.ndarray,
+    attrs: dict,
+    labels: np.ndarray | None = None,
+    codec: str = "zstd",
+) -> np.ndarray:
+    """Write one case's arrays (not yet visible to readers; commit with StoreWriter.commit_case).
+
+    Safe to call from a worker process while the parent holds the writer lock, as long as no
+    two calls write the same case. Existing arrays of that case are replaced.
+
+    hu: (Z, Y, X) any real dtype, Hounsfield units; stored as int16 when exact, else float32.
+    attrs: per-array attributes (spacing_mm, origin_mm, direction, z_positions_mm, patient_id,
+        study_uid, series_uid, source_sha256, warnings, ...); `codec`, `dtype_reason` and
+        `content_sha256` are added here.
+    labels: (Z, Y, X) integer label map on the same grid, or None.
+    Returns body_fraction(hu): (Z,) float32.
+    """
+    import zarr
+
+    check_case_id(case_id)
+    hu = np.asarray(hu)
+    if hu.ndim != 3:
+        raise UserError(f"case {case_id}: HU volume must be 3-D (Z, Y, X), got shape {hu.shape}")
+    dtype = storage_dtype(hu)
+    data = hu.astype(dtype) if hu.dtype != dtype else hu
+    z, y, x = data.shape
+    root = zarr.open_group(str(path), mode="a")
+    compressors = _compressors(codec)
+    full_attrs = _jsonable(dict(attrs))
+    full_attrs["codec"] = codec
+    full_attrs["content_sha256"] = content_sha256(data)
+    arr = root.create_array(
+        f"images/{case_id}", shape=data.shape, dtype=data.dtype, chunks=(1, y, x),
+        shards=(SHARD_SLICES, y, x), compressors=compressors, fill_value=0, overwrite=True,
+        attributes=full_attrs,
+    )
+    arr[...] = data
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != data.shape:
+            raise UserError(
+                f"case {case_id}: label map shape {labels.shape} differs from image shape "
+                f"{data.shape}; labels must be on the image grid"
+            )
+        if not np.issubdtype(labels.dtype, np.integer):
+            if not np.array_equal(labels, np.round(labels)):
+                raise UserError(f"case {case_id}: label map holds non-integer values")
+        lmax = int(labels.max()) if labels.size else 0
+        ldtype = np.uint8 if 0 <= int(labels.min() if labels.size else 0) and lmax < 256 else np.int32
+        larr = root.create_array(
+            f"labels/{case_id}", shape=labels.shape, dtype=ldtype, chunks=(1, y, x),
+            shards=(SHARD_SLICES, y, x), compressors=compressors, fill_value=0, overwrite=True,
+            attributes={"codec": codec, "content_sha256": content_sha256(labels.astype(ldtype))},
+        )
+        larr[...] = labels.astype(ldtype)
+    elif f"labels/{case_id}" in root:
+        del root[f"labels/{case_id}"]
+    return body_fraction(data)
+
+
+# ----------------------------------------------------------------------------- index
+
+
+def _empty_index() -> dict[str, np.ndarray]:
+    return {
+        "case_ids": np.zeros(0, dtype="<U1"),
+        "case_sha256": np.zeros(0, dtype="<U1"),
+        "slice_case": np.zeros(0, dtype=np.int32),
+        "slice_z": np.zeros(0, dtype=np.int32),
+        "body_fraction": np.zeros(0, dtype=np.float32),
+    }
+
+
+def _read_index(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path / INDEX_FILE, allow_pickle=False) as f:
+        return {k: f[k] for k in _empty_index()}
+
+
+def _write_index(path: Path, index: dict[str, np.ndarray]) -> None:
+    """Rewrite the index atomically: temp file in the same folder, fsync, rename."""
+    fd, tmp = tempfile.mkstemp(prefix=".slice_index.", suffix=".npz.tmp", dir=path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **index)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path / INDEX_FILE)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+class CTStore:
+    """Read access to a committed store. Picklable (zarr handles are reopened lazily).
+
+    Attributes:
+        path: the store folder.
+        case_ids: list[str]; case index i refers to case_ids[i].
+        slice_case: (S,) int32 case index per slice.
+        slice_z: (S,) int32 z per slice within its case.
+        body_fraction: (S,) float32 fraction of pixels with HU > -500 per slice.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        index = _read_index(self.path)
+        self.case_ids: list[str] = [str(c) for c in index["case_ids"]]
+        self.case_sha256: list[str] = [str(c) for c in index["case_sha256"]]
+        self.slice_case = index["slice_case"].astype(np.int32)
+        self.slice_z = index["slice_z"].astype(np.int32)
+        self.body_fraction = index["body_fraction"].astype(np.float32)
+        self._root = None
+        self._arrays: dict[str, Any] = {}
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_root"] = None
+        state["_arrays"] = {}
+        return state
+
+    @property
+    def n_slices(self) -> int:
+        return int(self.slice_case.shape[0])
+
+    @property
+    def root(self):
+        if self._root is None:
+            import zarr
+
+            self._root = zarr.open_group(str(self.path), mode="r")
+        return self._root
+
+    def _array(self, key: str):
+        arr = self._arrays.get(key)
+        if arr is None:
+            arr = self.root[key]
+            self._arrays[key] = arr
+        return arr
+
+    def _check(self, case_id: str) -> None:
+        if case_id not in self.case_ids:
+            raise UserError(f"{self.path}: no case {case_id!r}; cases are listed by `tcsmae info {self.path}`")
+
+    def image(self, case_id: str):
+        """zarr.Array (Z, Y, X) int16 or float32, Hounsfield units."""
+        self._check(case_id)
+        return self._array(f"images/{case_id}")
+
+    def has_labels(self, case_id: str) -> bool:
+        self._check(case_id)
+        return f"labels/{case_id}" in self.root
+
+    def label(self, case_id: str):
+        """zarr.Array (Z, Y, X) uint8 or int32 label ids, or None when the case has no labels."""
+        return self._array(f"labels/{case_id}") if self.has_labels(case_id) else None
+
+    def case_attrs(self, case_id: str) -> dict:
+        """The image array's attributes (spacing_mm, origin_mm, direction, ...) as a plain dict."""
+        return dict(self.image(case_id).attrs)
+
+    def read_slice(self, case_index: int, z: int) -> np.ndarray:
+        """One slice as (Y, X) float32 Hounsfield units (int16 cases are widened)."""
+        arr = self._array(f"images/{self.case_ids[case_index]}")
+        return np.asarray(arr[z], dtype=np.float32)
+
+    def read_label_slice(self, case_index: int, z: int) -> np.ndarray:
+        """One label slice as (Y, X) int64 label ids; UserError when the case has no labels."""
+        case_id = self.case_ids[case_index]
+        if not self.has_labels(case_id):
+            raise UserError(
+                f"{self.path}: case {case_id!r} has no label map; convert it with --labels "
+                "or choose a store whose cases all have labels"
+            )
+        return np.asarray(self._array(f"labels/{case_id}")[z], dtype=np.int64)
+
+    def __repr__(self) -> str:
+        return f"CTStore({str(self.path)!r}, cases={len(self.case_ids)}, slices={self.n_slices})"
+
+
+def _check_group(path: Path) -> None:
+    import json
+
+    meta = path / "zarr.json"
+    if not meta.is_file():
+        raise UserError(f"{path} is not a Zarr store (no zarr.json); create one with `tcsmae convert`")
+    try:
+        attrs = json.loads(meta.read_text()).get("attributes", {})
+    except ValueError as exc:
+        raise UserError(f"{meta} is not valid JSON ({exc}); the store is damaged") from exc
+    if attrs.get("format") != FORMAT:
+        raise UserError(f"{path} is a Zarr group but not a tcsmae CT store (format={attrs.get('format')!r})")
+    if int(attrs.get("format_version", 0)) > FORMAT_VERSION:
+        raise UserError(
+            f"{path} has format_version {attrs.get('format_version')}, newer than this tcsmae "
+            f"reads ({FORMAT_VERSION}); upgrade tcsmae"
+        )
+
+
+def open_store(path: str | os.PathLike) -> CTStore:
+    """Open a committed store for reading; UserError if missing, foreign or incomplete."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"store {path} does not exist; create it with `tcsmae convert ... -o {path}`")
+    _check_group(path)
+    if not (path / INDEX_FILE).is_file():
+        raise UserError(
+            f"store {path} is incomplete: it has no {INDEX_FILE} (no conversion into it has "
+            "finished). Run the converter again on the same output to complete it."
+        )
+    return CTStore(path)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+class StoreWriter:
+    """The one writer of a store; a context manager holding an exclusive lock.
+
+    Opening creates the store if needed, refuses a second concurrent writer, and deletes the
+    arrays of cases that a crashed run left unlisted in the index.
+    """
+
+    def __init__(self, path: str | os.PathLike, codec: str = "zstd"):
+        self.path = Path(path)
+        self.codec = codec
+        _compressors(codec)  # validate early
+        self._lock = None
+        self.cleaned: list[str] = []
+
+    def __enter__(self) -> "StoreWriter":
+        import zarr
+        from filelock import FileLock, Timeout
+
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"output {self.path} exists and is not a folder; choose another -o")
+        if self.path.exists() and any(self.path.iterdir()):
+            _check_group(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.path / LOCK_FILE))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise UserError(
+                f"store {self.path} is being written by another process (lock {self.path / LOCK_FILE}); "
+                "wait for it to finish, or write to another store"
+            ) from None
+        self._lock = lock
+        try:
+            root = zarr.open_group(str(self.path), mode="a")
+            if root.attrs.get("format") is None:
+                root.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION})
+            for name in ("images", "labels"):
+                if name not in root:
+                    root.create_group(name)
+            if (self.path / INDEX_FILE).is_file():
+                self._index = _read_index(self.path)
+            else:
+                self._index = _empty_index()
+                _write_index(self.path, self._index)
+            self._clean_leftovers()
+        except BaseException:
+            lock.release()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    # -- queries
+    @property
+    def case_ids(self) -> list[str]:
+        return [str(c) for c in self._index["case_ids"]]
+
+    def source_sha256(self, case_id: str) -> str | None:
+        ids = self.case_ids
+        return str(self._index["case_sha256"][ids.index(case_id)]) if case_id in ids else None
+
+    # -- changes
+    def _clean_leftovers(self) -> None:
+        committed = set(self.case_ids)
+        for group in ("images", "labels"):
+            folder = self.path / group
+            if not folder.is_dir():
+                continue
+            for entry in folder.iterdir():
+                if entry.is_dir() and entry.name not in committed:
+                    shutil.rmtree(entry)
+                    self.cleaned.append(f"{group}/{entry.name}")
+
+    def remove_case(self, case_id: str) -> None:
+        """Drop a case from the index (atomically), then delete its arrays."""
+        if case_id in self.case_ids:
+            self._unlist(case_id)
+        for group in ("images", "labels"):
+            shutil.rmtree(self.path / group / case_id, ignore_errors=True)
+
+    def commit_case(self, case_id: str, body_frac: np.ndarray, source_sha256: str) -> None:
+        """List a case whose arrays are complete in the index (atomic rewrite)."""
+        check_case_id(case_id)
+        if case_id in self.case_ids:
+            self._unlist(case_id)
+        idx = self._index
+        ci = len(idx["case_ids"])
+        n = int(np.asarray(body_frac).shape[0])
+        self._index = {
+            "case_ids": np.append(idx["case_ids"], case_id),
+            "case_sha256": np.append(idx["case_sha256"], str(source_sha256)),
+            "slice_case": np.concatenate([idx["slice_case"], np.full(n, ci, np.int32)]),
+            "slice_z": np.concatenate([idx["slice_z"], np.arange(n, dtype=np.int32)]),
+            "body_fraction": np.concatenate([idx["body_fraction"], np.asarray(body_frac, np.float32)]),
+        }
+        _write_index(self.path, self._index)
+
+    def _unlist(self, case_id: str) -> None:
+        """Remove a case from the index only (atomic rewrite); its arrays stay."""
+        ci = self.case_ids.index(case_id)
+        idx = self._index
+        keep = idx["slice_case"] != ci
+        new_case = idx["slice_case"][keep]
+        self._index = {
+            "case_ids": np.delete(idx["case_ids"], ci),
+            "case_sha256": np.delete(idx["case_sha256"], ci),
+            "slice_case": np.where(new_case > ci, new_case - 1, new_case).astype(np.int32),
+            "slice_z": idx["slice_z"][keep],
+            "body_fraction": idx["body_fraction"][keep],
+        }
+        _write_index(self.path, self._index)
+
+    def write_case(self, case_id: str, hu: np.ndarray, attrs: dict, labels: np.ndarray | None = None) -> None:
+        """Write a case's arrays, then commit it. Replaces an existing case of that id."""
+        if case_id in self.case_ids:
+            self.remove_case(case_id)
+        bf = write_case_arrays(self.path, case_id, hu, attrs, labels, codec=self.codec)
+        self.commit_case(case_id, bf, str(attrs.get("source_sha256", "")))

@@ -1,0 +1,116 @@
+"""The store's commit protocol: index last and atomic, leftovers cleaned, one writer."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+from tcsmae.convert.store import (
+    INDEX_FILE, StoreWriter, body_fraction, content_sha256, open_store, storage_dtype,
+    write_case_arrays,
+)
+from tcsmae.errors import UserError
+
+
+def _hu(z=5, seed=0):
+    return np.random.default_rng(seed).integers(-1024, 1500, (z, 16, 12)).astype(np.float64)
+
+
+def test_round_trip_dtype_attrs_and_index(tmp_path):
+    path = tmp_path / "s.zarr"
+    hu_int = _hu(70)  # more than one shard of 64 slices
+    hu_float = _hu(4, seed=1) + 0.25
+    labels = (hu_int > 0).astype(np.uint8)
+    with StoreWriter(path) as w:
+        w.write_case("a", hu_int, {"spacing_mm": [2.0, 1.0, 1.0], "source_sha256": "s1"}, labels)
+        w.write_case("b", hu_float, {"source_sha256": "s2"})
+    store = open_store(path)
+    assert store.case_ids == ["a", "b"]
+    assert store.image("a").dtype == np.int16 and store.image("b").dtype == np.float32
+    assert store.image("a").chunks == (1, 16, 12)
+    np.testing.assert_array_equal(store.image("a")[:], hu_int)
+    np.testing.assert_array_equal(store.read_slice(1, 3), hu_float[3].astype(np.float32))
+    np.testing.assert_array_equal(store.read_label_slice(0, 69), labels[69])
+    assert store.read_slice(0, 0).dtype == np.float32
+    assert store.n_slices == 74
+    np.testing.assert_array_equal(store.slice_z[:3], [0, 1, 2])
+    np.testing.assert_allclose(store.body_fraction[:70], body_fraction(hu_int))
+    attrs = store.case_attrs("a")
+    assert attrs["spacing_mm"] == [2.0, 1.0, 1.0] and attrs["codec"] == "zstd"
+    assert attrs["content_sha256"] == content_sha256(hu_int.astype(np.int16))
+    assert not store.has_labels("b")
+    with pytest.raises(UserError, match="no label map"):
+        store.read_label_slice(1, 0)
+    # picklable for parallel readers
+    again = pickle.loads(pickle.dumps(store))
+    np.testing.assert_array_equal(again.read_slice(0, 5), hu_int[5])
+
+
+def test_storage_dtype_rules():
+    assert storage_dtype(np.array([1.0, -1024.0])) == np.int16
+    assert storage_dtype(np.array([1.5])) == np.float32
+    assert storage_dtype(np.array([40000.0])) == np.float32
+    assert storage_dtype(np.array([1, 2], dtype=np.int32)) == np.int16
+
+
+def test_missing_index_refused_and_foreign_folder(tmp_path):
+    path = tmp_path / "s.zarr"
+    with StoreWriter(path) as w:
+        w.write_case("a", _hu(), {"source_sha256": "x"})
+    (path / INDEX_FILE).unlink()
+    with pytest.raises(UserError, match="incomplete"):
+        open_store(path)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "file.txt").write_text("x")
+    with pytest.raises(UserError, match="not a Zarr store"):
+        open_store(tmp_path / "other")
+    with pytest.raises(UserError, match="not a Zarr store"):
+        StoreWriter(tmp_path / "other").__enter__()
+
+
+def test_uncommitted_case_invisible_then_cleaned(tmp_path):
+    path = tmp_path / "s.zarr"
+    with StoreWriter(path) as w:
+        w.write_case("a", _hu(), {"source_sha256": "x"})
+    # a crash after the arrays, before the commit:
+    write_case_arrays(path, "half", _hu(3), {"source_sha256": "y"}, labels=np.zeros((3, 16, 12), np.uint8))
+    assert open_store(path).case_ids == ["a"]
+    with StoreWriter(path) as w:
+        assert sorted(w.cleaned) == ["images/half", "labels/half"]
+    assert not (path / "images" / "half").exists()
+    assert open_store(path).case_ids == ["a"]
+
+
+def test_second_writer_refused(tmp_path):
+    path = tmp_path / "s.zarr"
+    with StoreWriter(path):
+        with pytest.raises(UserError, match="another process"):
+            with StoreWriter(path):
+                pass
+    with StoreWriter(path):  # released again
+        pass
+
+
+def test_replace_and_remove_keep_index_consistent(tmp_path):
+    path = tmp_path / "s.zarr"
+    with StoreWriter(path, codec="lz4") as w:
+        w.write_case("a", _hu(3), {"source_sha256": "1"})
+        w.write_case("b", _hu(4, 1), {"source_sha256": "2"})
+        w.write_case("c", _hu(2, 2), {"source_sha256": "3"})
+        w.remove_case("a")
+        w.write_case("b", _hu(6, 3), {"source_sha256": "4"})
+        assert w.source_sha256("b") == "4" and w.source_sha256("a") is None
+    store = open_store(path)
+    assert store.case_ids == ["c", "b"]
+    assert list(store.slice_case) == [0, 0, 1, 1, 1, 1, 1, 1]
+    np.testing.assert_array_equal(store.read_slice(1, 5), _hu(6, 3)[5])
+    assert store.case_attrs("b")["codec"] == "lz4"
+
+
+def test_bad_case_id_and_codec(tmp_path):
+    with pytest.raises(UserError, match="case id"):
+        write_case_arrays(tmp_path / "s.zarr", "a/b", _hu(), {})
+    with pytest.raises(UserError, match="codec"):
+        StoreWriter(tmp_path / "s.zarr", codec="gzip9")
