@@ -156,3 +156,60 @@ def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
     if defined.size == 0:
         return None, None
     return float(defined.mean()), float(defined.std())
+
+
+# ---------------------------------------------------------------------------------------
+# Aggregation: cases -> fold -> mean and std over folds (the shape of results.json)
+
+METRIC_KEYS = ("dsc", "hd95_mm")
+
+
+def case_record(scores: dict[str, dict[str, CaseScore]]) -> dict:
+    """JSON form of one case's scores: {"classes"|"groups": {name: {"dsc", "hd95_mm"}}}."""
+    return {kind: {name: {"dsc": s.dsc, "hd95_mm": s.hd95_mm} for name, s in entries.items()}
+            for kind, entries in scores.items()}
+
+
+def fold_summary(cases: list[dict]) -> dict:
+    """A fold's figures: per class and group, the mean over its cases of each metric.
+
+    cases: case_record() dicts of the fold's validation cases.
+    Returns {"classes"|"groups": {name: {"dsc": mean|None, "hd95_mm": mean|None,
+    "n_undefined": {"dsc": int, "hd95_mm": int}, "n_cases": int}}}.
+    """
+    out: dict[str, dict] = {"classes": {}, "groups": {}}
+    if not cases:
+        return out
+    for kind in out:
+        for name in cases[0].get(kind, {}):
+            entry: dict = {"n_undefined": {}, "n_cases": len(cases)}
+            for key in METRIC_KEYS:
+                mean, n_undefined = summarise([c[kind][name][key] for c in cases])
+                entry[key] = mean
+                entry["n_undefined"][key] = n_undefined
+            out[kind][name] = entry
+    return out
+
+
+def over_folds(folds: list[dict]) -> tuple[dict, dict]:
+    """Mean and standard deviation (population, ddof 0) over folds of the fold means.
+
+    folds: fold_summary() dicts. Both results have the fold shape; their `n_undefined`
+    and `n_cases` are totals over folds. A fold whose mean is None is left out.
+    """
+    mean: dict[str, dict] = {"classes": {}, "groups": {}}
+    std: dict[str, dict] = {"classes": {}, "groups": {}}
+    if not folds:
+        return mean, std
+    for kind in mean:
+        for name in folds[0].get(kind, {}):
+            m: dict = {}
+            s: dict = {}
+            for key in METRIC_KEYS:
+                m[key], s[key] = mean_std([f[kind][name][key] for f in folds])
+            total = {key: sum(f[kind][name]["n_undefined"][key] for f in folds) for key in METRIC_KEYS}
+            n_cases = sum(f[kind][name]["n_cases"] for f in folds)
+            m["n_undefined"], s["n_undefined"] = total, dict(total)
+            m["n_cases"] = s["n_cases"] = n_cases
+            mean[kind][name], std[kind][name] = m, s
+    return mean, std
