@@ -144,7 +144,8 @@ def check_leakage(cases: dict[str, dict], pretraining: dict | None, allow_overla
     """Refuse fine-tuning cases that were pretraining cases.
 
     cases: case id -> store attrs (keys `series_uid`, `patient_id`; empty = unknown).
-    pretraining: {"salt": str, "series": [hex digests], "patients": [hex digests]} or None
+    pretraining: {"salt": str, "series_digests": [hex], "patient_digests": [hex]} (the
+        `pretraining_cases` entry of weights.json) or None
         (scratch, or weights without digests: nothing to compare).
     digest: (salt, value) -> hex, the function the exporter used.
     Returns messages about overlaps (empty when none); raises UserError on overlap unless
@@ -153,8 +154,8 @@ def check_leakage(cases: dict[str, dict], pretraining: dict | None, allow_overla
     if not pretraining:
         return []
     salt = pretraining.get("salt", "")
-    series = set(pretraining.get("series", []))
-    patients = set(pretraining.get("patients", []))
+    series = set(pretraining.get("series_digests", []))
+    patients = set(pretraining.get("patient_digests", []))
     hits = []
     for case_id, attrs in cases.items():
         s = str(attrs.get("series_uid", "") or "").strip()

@@ -14,8 +14,9 @@ A label-map file is JSON:
 - `name`, `note` (optional): free text carried into results and reports.
 
 Shipped maps live in tcsmae/data/ and can be named instead of a path: `chest11` (today's
-TotalSegmentator ids, 11 chest classes in the paper's 5 groups) and `phantom` (the
-embedded phantom's lesion and organ classes).
+TotalSegmentator ids, 11 chest classes in the paper's 5 groups), `phantom` (the
+embedded phantom's lesion and organ classes) and `phantom-lesion` (binary: its
+ground-glass lesions, a pneumonia stand-in).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import numpy as np
 from tcsmae.errors import UserError
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "data"
-SHIPPED = {"chest11": "chest11.json", "phantom": "phantom.json"}
+SHIPPED = {"chest11": "chest11.json", "phantom": "phantom.json", "phantom-lesion": "phantom-lesion.json"}
 
 
 @dataclass(frozen=True)

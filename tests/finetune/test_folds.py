@@ -71,8 +71,8 @@ def test_folds_json_written_and_resume_must_match(tmp_path):
 
 def test_leakage_guard_refuses_overlap():
     salt = "s3cr3t"
-    pre = {"salt": salt, "series": [salted_digest(salt, "1.2.3")],
-           "patients": [salted_digest(salt, "PAT9")]}
+    pre = {"salt": salt, "series_digests": [salted_digest(salt, "1.2.3")],
+           "patient_digests": [salted_digest(salt, "PAT9")]}
     clean = {"a": {"series_uid": "9.9", "patient_id": "PAT1"}, "b": {"series_uid": "", "patient_id": ""}}
     assert check_leakage(clean, pre, allow_overlap=False) == []
     with pytest.raises(UserError, match="case s1: its series appeared in pretraining"):
@@ -82,6 +82,7 @@ def test_leakage_guard_refuses_overlap():
     hits = check_leakage({"p": {"series_uid": "1.2.3", "patient_id": "PAT9"}}, pre, True)
     assert hits == ["case p: its series and its patient appeared in pretraining"]
     # empty ids never match, even if an empty id was hashed at pretraining
-    pre_empty = {"salt": salt, "series": [salted_digest(salt, "")], "patients": [salted_digest(salt, "")]}
+    pre_empty = {"salt": salt, "series_digests": [salted_digest(salt, "")],
+                 "patient_digests": [salted_digest(salt, "")]}
     assert check_leakage(clean, pre_empty, False) == []
     assert check_leakage(clean, None, False) == []

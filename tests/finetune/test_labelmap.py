@@ -88,3 +88,14 @@ def test_chest11_has_the_eleven_classes_with_right_ids(shared_data):
     assert len(m.groups["right lung"]) == 3
     assert set(m.groups["bones"]) == {"vertebrae", "ribs", "scapula"}
     assert "11 classes" in m.note and "16" in m.note
+
+
+def test_phantom_maps_match_phantom_label_ids():
+    from tcsmae.convert.phantom import LABEL_IDS
+
+    m = load_label_map("phantom")
+    for cname, ids in m.classes.items():
+        assert ids == (LABEL_IDS[cname],), cname
+    assert set(m.groups["lesions"]) == {"ground_glass_lesion", "mediastinal_mass"}
+    lesion = load_label_map("phantom-lesion")
+    assert lesion.binary and lesion.classes == {"ground_glass_lesion": (LABEL_IDS["ground_glass_lesion"],)}

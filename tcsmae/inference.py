@@ -1,0 +1,79 @@
+"""Whole-volume segmentation: stored HU volume -> model input slices -> class map on the stored grid.
+
+Used by online validation (`tcsmae finetune`) and by `tcsmae predict`. The forward
+geometry is the pipelines' NumPy reference (pipelines/reference.py, `preprocess_slice`
+with masking off), in their order:
+
+    HU (Y, X) -> pad with air to a centred square (side S = max(Y, X))
+              -> lung and mediastinal windows -> Sobel edge channel (at S x S)
+              -> antialiased bilinear resize of (lung, mediastinal, edge) to size x size
+
+and the way back undoes it on the logits: bilinear resize size x size -> S x S (antialiased
+when shrinking), crop the padding, then argmax over channels (softmax head) or
+sigmoid > threshold (1-channel head). Resampling logits rather than labels keeps
+boundaries smooth on the stored grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tcsmae.pipelines.config import PipelineConfig
+from tcsmae.pipelines.reference import preprocess_slice
+from tcsmae.pipelines.resize import square_padding
+
+
+def model_input(hu: np.ndarray, cfg: PipelineConfig) -> np.ndarray:
+    """One stored slice as the network sees it.
+
+    hu: (Y, X) float32 HU. Returns (3, size, size) float32 in 0..1, channels (lung,
+    mediastinal, edge); size = cfg.size.
+    """
+    assert cfg.size > 0, "whole-volume inference needs a fixed training size"
+    no_mask = np.zeros(cfg.intervals, np.uint8)  # no interval chosen: M = 1
+    return preprocess_slice(hu, no_mask, replace(cfg, masking="none"))["original"]
+
+
+def logits_to_stored_grid(logits: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Undo padding and resize.
+
+    logits: (N, C, size, size) float. shape: stored (Y, X). Returns (N, C, Y, X) float32.
+    """
+    side = max(shape)
+    x = logits.float()
+    if x.shape[-1] != side:
+        x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False,
+                          antialias=side < x.shape[-1])
+    (top, _), (left, _) = square_padding(shape)
+    return x[:, :, top:top + shape[0], left:left + shape[1]]
+
+
+def classes_from_logits(logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """(N, C, ...) logits -> (N, ...) int64 class index: C == 1 sigmoid > threshold, else argmax."""
+    if logits.shape[1] == 1:
+        return (torch.sigmoid(logits[:, 0]) > threshold).long()
+    return logits.argmax(dim=1)
+
+
+@torch.no_grad()
+def segment_volume(model: torch.nn.Module, hu: np.ndarray, cfg: PipelineConfig,
+                   device: torch.device | str = "cpu", batch_size: int = 16,
+                   threshold: float = 0.5) -> np.ndarray:
+    """Segment every slice of a stored volume.
+
+    model: network mapping (B, 3, size, size) in 0..1 to logits (B, C, size, size); it is
+    put in eval mode by the caller. hu: (Z, Y, X) HU (int16 or float32, or a zarr array).
+    Returns (Z, Y, X) int64 class indices on the stored grid (0 = background).
+    """
+    z_count, y, x = hu.shape
+    out = np.zeros((z_count, y, x), np.int64)
+    for start in range(0, z_count, batch_size):
+        block = np.asarray(hu[start:start + batch_size], dtype=np.float32)  # (b, Y, X)
+        images = torch.from_numpy(np.stack([model_input(s, cfg) for s in block])).to(device)
+        logits = logits_to_stored_grid(model(images), (y, x))  # (b, C, Y, X)
+        out[start:start + len(block)] = classes_from_logits(logits, threshold).cpu().numpy()
+    return out
