@@ -1,0 +1,355 @@
+"""NIfTI -> tcsmae store: `tcsmae convert-nifti` (also `python convert/nifti_to_zarr.py`).
+
+    python convert/nifti_to_zarr.py IMAGE.nii.gz [--labels SEG.nii.gz] -o OUT.zarr [--case-id ID]
+    python convert/nifti_to_zarr.py CASE_FOLDER -o OUT.zarr          # TotalSegmentator layout
+    python convert/nifti_to_zarr.py --manifest cases.csv -o OUT.zarr
+
+Each source becomes one case. A source is
+- a NIfTI image file (`.nii` / `.nii.gz`), HU with the header's scl_slope/scl_inter applied;
+  case id = file name without `.nii(.gz)`;
+- a TotalSegmentator case folder: `ct.nii.gz` plus `segmentations/<structure>.nii.gz` (one
+  binary mask per structure). The masks are combined into one label map with the ids of
+  tcsmae/data/totalsegmentator-labels.json (the 'total' task); masks of unknown names are
+  skipped and overlaps resolved in favour of the higher id, both with a warning. Case id =
+  folder name.
+
+Arrays are reoriented, never resampled, into the store's convention (convert/orientation.py:
+(Z, Y, X), rows anterior -> posterior, columns right -> left, slices ascending along the
+normal); the original affine and shape are kept as `source_affine` / `source_shape`. HU are
+stored as int16 when every value is an exact integer, else float32. A label map must lie on
+its image's grid (same shape, voxel positions within 1% of a voxel): otherwise the case
+fails, it is never resampled.
+
+Re-running skips cases whose source digest (sha256 over the image and label files) matches;
+a case id already holding another source is refused unless --overwrite.
+
+Exit codes: 0 every case converted or up to date; 3 some converted, some failed; 1 none
+converted; 2 usage error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from tcsmae.errors import UserError
+
+HELP = "convert NIfTI CT volumes (and label maps, or TotalSegmentator case folders) into a tcsmae store"
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+TOTALSEG_IMAGE = "ct.nii.gz"
+TOTALSEG_MASKS = "segmentations"
+
+
+@lru_cache(maxsize=1)
+def totalsegmentator_ids() -> dict[str, int]:
+    """Structure name -> label id of TotalSegmentator's 'total' task (shipped JSON, id -> name)."""
+    from importlib.resources import files
+
+    table = json.loads((files("tcsmae") / "data" / "totalsegmentator-labels.json").read_text())
+    return {name: int(i) for i, name in table.items()}
+
+
+def nifti_stem(path: Path) -> str:
+    """File name without .nii.gz / .nii."""
+    name = path.name
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def is_totalseg_folder(path: Path) -> bool:
+    return path.is_dir() and (path / TOTALSEG_IMAGE).is_file()
+
+
+@dataclass(frozen=True)
+class NiftiSource:
+    """One case to convert."""
+
+    image: Path
+    """The NIfTI CT volume (HU after scl_slope/scl_inter)."""
+    labels: Path | None
+    """A NIfTI label map on the image's grid, or None."""
+    mask_folder: Path | None
+    """TotalSegmentator `segmentations/` folder of per-structure masks, or None."""
+    case_id: str
+    patient_id: str
+
+    def files(self) -> list[Path]:
+        """Every file whose bytes define the case (for the source digest)."""
+        out = [self.image]
+        if self.labels is not None:
+            out.append(self.labels)
+        if self.mask_folder is not None:
+            out += sorted(self.mask_folder.glob("*.nii*"))
+        return out
+
+
+def make_source(source: Path, labels: Path | None = None, case_id: str | None = None,
+                patient_id: str | None = None) -> NiftiSource:
+    """Resolve a command-line/manifest source into a NiftiSource (UserError when unusable)."""
+    from tcsmae.convert.store import check_case_id
+
+    source = Path(source)
+    if not source.exists():
+        raise UserError(f"source {source} does not exist; give a .nii/.nii.gz file or a folder holding {TOTALSEG_IMAGE}")
+    mask_folder = None
+    if source.is_dir():
+        if not is_totalseg_folder(source):
+            raise UserError(f"folder {source} holds no {TOTALSEG_IMAGE}: a NIfTI source is a .nii(.gz) file or a "
+                            f"TotalSegmentator case folder ({TOTALSEG_IMAGE} + {TOTALSEG_MASKS}/); DICOM folders "
+                            "go to `tcsmae convert`")
+        image = source / TOTALSEG_IMAGE
+        if (source / TOTALSEG_MASKS).is_dir():
+            mask_folder = source / TOTALSEG_MASKS
+            if labels is not None:
+                raise UserError(f"{source} is a TotalSegmentator folder with {TOTALSEG_MASKS}/ and --labels "
+                                f"{labels} was given too: use one or the other")
+        default_id = source.resolve().name
+    else:
+        if not source.name.endswith(NIFTI_SUFFIXES):
+            raise UserError(f"source {source} is not a NIfTI file (.nii or .nii.gz)")
+        image = source
+        default_id = nifti_stem(source)
+    if labels is not None and not Path(labels).is_file():
+        raise UserError(f"labels {labels} does not exist")
+    cid = case_id or default_id
+    try:
+        check_case_id(cid)
+    except UserError as exc:
+        raise UserError(f"{source}: {exc}") from None
+    return NiftiSource(image, None if labels is None else Path(labels), mask_folder, cid, patient_id or "")
+
+
+def source_digest(src: NiftiSource) -> str:
+    """sha256 over (relative name, bytes) of every source file: changes when any input changes."""
+    h = hashlib.sha256()
+    for f in src.files():
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _load(path: Path):
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises several types for bad files
+        raise UserError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
+    if not (len(img.shape) == 3 or (len(img.shape) == 4 and img.shape[3] == 1)):
+        raise UserError(f"{path}: expected a 3-D volume, got shape {img.shape}")
+    return img
+
+
+def read_image(path: Path):
+    """HU volume of a NIfTI file in the store layout.
+
+    Returns (hu (Z, Y, X) int16 if the values are exact integers in range else float32,
+    Hounsfield units; Geometry).
+    """
+    from tcsmae.convert.orientation import nifti_to_store_grid
+    from tcsmae.convert.store import storage_dtype
+
+    img = _load(path)
+    try:
+        hu, geom = nifti_to_store_grid(img)
+    except (OSError, EOFError, ValueError) as exc:  # truncated gzip, bad data
+        raise UserError(f"{path}: cannot read the voxel data ({type(exc).__name__}: {exc})") from None
+    dtype = storage_dtype(hu)
+    return (hu if hu.dtype == dtype else hu.astype(dtype)), geom
+
+
+def read_label_map(path: Path, shape: tuple[int, int, int], geom) -> np.ndarray:
+    """A NIfTI label map brought onto the image grid (exact reorientation, no resampling).
+
+    shape, geom: the image's (Z, Y, X) shape and Geometry. UserError when the label map is on
+    another grid or holds non-integer values. Returns (Z, Y, X) int64 label ids.
+    """
+    from tcsmae.convert.orientation import grid_mismatch, nifti_to_store_grid
+
+    img = _load(path)
+    try:
+        lab, lgeom = nifti_to_store_grid(img)
+    except (OSError, EOFError, ValueError) as exc:
+        raise UserError(f"{path}: cannot read the voxel data ({type(exc).__name__}: {exc})") from None
+    why = grid_mismatch(shape, geom, lab.shape, lgeom)
+    if why is not None:
+        raise UserError(f"label map {path} is not on its image's grid ({why}); labels are never resampled: "
+                        "give the label map made for this image")
+    if not np.issubdtype(lab.dtype, np.integer):
+        if not np.all(np.isfinite(lab)) or not np.array_equal(lab, np.rint(lab)):
+            raise UserError(f"label map {path} holds non-integer values (dtype {lab.dtype}); give an integer label map")
+    if lab.size and lab.min() < 0:
+        raise UserError(f"label map {path} holds negative ids (min {lab.min()}); label ids must be >= 0")
+    return lab.astype(np.int64)
+
+
+def combine_totalseg_masks(folder: Path, shape: tuple[int, int, int], geom) -> tuple[np.ndarray, list[str]]:
+    """One label map from TotalSegmentator's per-structure masks.
+
+    folder: `segmentations/` with `<structure>.nii.gz` binary masks on the image grid.
+    Returns (labels (Z, Y, X) uint8 with the ids of totalsegmentator_ids(), warnings).
+    Voxels claimed by several masks get the higher id (files are applied in id order).
+    """
+    ids = totalsegmentator_ids()
+    files = sorted(p for p in folder.iterdir() if p.name.endswith(NIFTI_SUFFIXES))
+    known = sorted((ids[nifti_stem(p)], p) for p in files if nifti_stem(p) in ids)
+    unknown = [p.name for p in files if nifti_stem(p) not in ids]
+    out = np.zeros(shape, np.uint8)
+    overlap = 0
+    for label_id, path in known:
+        mask = read_label_map(path, shape, geom) > 0
+        overlap += int(np.count_nonzero(mask & (out > 0)))
+        out[mask] = label_id
+    warnings = []
+    if unknown:
+        warnings.append(f"{len(unknown)} mask file(s) in {folder.name}/ with names not in the TotalSegmentator "
+                        f"'total' table were skipped: {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+    if overlap:
+        warnings.append(f"{overlap} voxels lie in more than one mask; the higher label id was kept")
+    if not known:
+        warnings.append(f"no known structure masks in {folder}; the label map is empty")
+    return out, warnings
+
+
+def case_arrays(src: NiftiSource) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """Read one case: (hu (Z, Y, X), labels (Z, Y, X) or None, store attributes)."""
+    hu, geom = read_image(src.image)
+    warnings = list(geom.warnings)
+    labels = None
+    if src.labels is not None:
+        labels = read_label_map(src.labels, hu.shape, geom)
+    elif src.mask_folder is not None:
+        labels, w = combine_totalseg_masks(src.mask_folder, hu.shape, geom)
+        warnings += w
+    if hu.size and (hu.min() < -1200 or hu.max() > 4000):
+        warnings.append(f"HU range {hu.min():.0f}..{hu.max():.0f} is implausible for CT: is {src.image.name} "
+                        "in Hounsfield units?")
+    attrs = geom.to_attrs()
+    attrs.update({
+        "patient_id": src.patient_id,
+        "study_uid": "",
+        "series_uid": "",
+        "source_sha256": source_digest(src),
+        "warnings": warnings,
+        "source_format": "nifti",
+        "source_files": [str(p) for p in ([src.image] + ([src.labels] if src.labels else [])
+                                          + ([src.mask_folder] if src.mask_folder else []))],
+    })
+    if src.mask_folder is not None:
+        attrs["label_table"] = "totalsegmentator-total"
+    return hu, labels, attrs
+
+
+def convert_sources(sources: list[NiftiSource], out: Path, codec: str = "zstd", overwrite: bool = False,
+                    progress: bool = True) -> dict[str, list]:
+    """Convert each source into the store at `out`, one case each.
+
+    Returns {"converted": [case_id], "skipped": [(case_id, why)], "failed": [(case_id, why)]}.
+    A failing case (bad file, label map on another grid) does not stop the others.
+    """
+    from tqdm import tqdm
+
+    from tcsmae.convert.store import StoreWriter
+
+    result: dict[str, list] = {"converted": [], "skipped": [], "failed": []}
+    seen: dict[str, Path] = {}
+    with StoreWriter(out, codec=codec) as writer:
+        for src in tqdm(sources, desc="convert-nifti", unit="case", disable=not progress):
+            if src.case_id in seen:
+                result["failed"].append((src.case_id, f"{src.image}: case id also used by {seen[src.case_id]}; "
+                                                      "give distinct --case-id / manifest case_id"))
+                continue
+            seen[src.case_id] = src.image
+            try:
+                digest = source_digest(src)
+                existing = writer.source_sha256(src.case_id)
+                if existing is not None and not overwrite:
+                    if existing == digest:
+                        result["skipped"].append((src.case_id, "up to date (same source digest)"))
+                        continue
+                    raise UserError(f"case {src.case_id} is already in {out} from another source; pass "
+                                    "--overwrite to replace it, or choose another --case-id")
+                hu, labels, attrs = case_arrays(src)
+                writer.write_case(src.case_id, hu, attrs, labels=labels)
+                result["converted"].append(src.case_id)
+            except UserError as exc:
+                result["failed"].append((src.case_id, str(exc)))
+            except MemoryError:
+                result["failed"].append((src.case_id, f"{src.image}: out of memory reading the volume"))
+    return result
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("sources", nargs="*", type=Path,
+                        help="NIfTI image files or TotalSegmentator case folders (ct.nii.gz + segmentations/)")
+    parser.add_argument("-o", "--out", required=True, type=Path, help="output store OUT.zarr (created or extended)")
+    parser.add_argument("--labels", type=Path, help="NIfTI label map on the image's grid (one source only)")
+    parser.add_argument("--case-id", help="case id (one source only; default: file name without .nii.gz, or folder name)")
+    parser.add_argument("--patient-id", help="patient id to record (one source only; folds split by patient)")
+    parser.add_argument("--manifest", type=Path, help="CSV with columns source, labels, case_id, patient_id")
+    parser.add_argument("--overwrite", action="store_true", help="rebuild cases already in the store")
+    parser.add_argument("--codec", choices=("zstd", "lz4", "none"), default="zstd",
+                        help="chunk compression (default zstd; lz4 is what GPU decompression reads)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _sources_from_args(args) -> list[NiftiSource]:
+    single_only = [name for name in ("labels", "case_id", "patient_id") if getattr(args, name)]
+    if args.manifest is not None:
+        if args.sources or single_only:
+            raise UserError("--manifest lists the sources: do not also give sources, --labels, --case-id or --patient-id")
+        from tcsmae.convert.manifest import read_manifest
+
+        return [make_source(r.source, r.labels, r.case_id, r.patient_id) for r in read_manifest(args.manifest)]
+    if not args.sources:
+        raise UserError("nothing to convert: give NIfTI files / case folders, or --manifest FILE.csv")
+    if single_only and len(args.sources) != 1:
+        raise UserError(f"--{single_only[0].replace('_', '-')} applies to one source, but {len(args.sources)} were "
+                        "given; use --manifest for several")
+    return [make_source(s, args.labels, args.case_id, args.patient_id) for s in args.sources]
+
+
+def run(args) -> int:
+    sources = _sources_from_args(args)
+    result = convert_sources(sources, args.out, codec=args.codec, overwrite=args.overwrite,
+                             progress=not args.no_progress)
+    print(f"{'case':<30} status")
+    for cid in result["converted"]:
+        print(f"{cid:<30} converted")
+    for cid, why in result["skipped"]:
+        print(f"{cid:<30} skipped: {why}")
+    for cid, why in result["failed"]:
+        print(f"{cid:<30} FAILED: {why}")
+    n_ok = len(result["converted"]) + len(result["skipped"])
+    print(f"{len(result['converted'])} converted, {len(result['skipped'])} up to date, "
+          f"{len(result['failed'])} failed -> {args.out}")
+    if not result["failed"]:
+        return 0
+    return 3 if n_ok else 1
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+
+    _parser = argparse.ArgumentParser(prog="nifti_to_zarr.py", description=HELP)
+    add_arguments(_parser)
+    _args = _parser.parse_args()
+    try:
+        sys.exit(run(_args))
+    except UserError as _exc:
+        print(f"nifti_to_zarr.py: error: {_exc}", file=sys.stderr)
+        sys.exit(_exc.exit_code)
