@@ -1,0 +1,316 @@
+"""`tcsmae convert` / `python convert/dicom_to_zarr.py`: DICOM CT series -> tcsmae Zarr store.
+
+    python convert/dicom_to_zarr.py SRC [SRC ...] -o OUT.zarr [--labels SEG.nii.gz]
+        [--workers N] [--strict] [--overwrite] [--case-id ID] [--manifest FILE.csv]
+        [--codec zstd|lz4|none]
+
+SRC are files or folders, searched recursively. Every CT series found becomes one case
+(HU, (Z, Y, X), sorted along the slice normal); see convert/dicom_series.py for how files
+are classified and grouped. Series are converted in parallel processes; each worker writes
+its case's arrays, and this process commits them to the slice index one by one (atomic), so
+a crash never leaves half a case visible.
+
+Exit codes: 0 every image series converted or already up to date (localizers, secondary
+captures, non-image objects and non-DICOM files skipped by design do not count); 3 some
+converted, some failed or refused; 1 nothing converted; 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HELP = "convert DICOM CT series (folders/files, recursive) into a tcsmae Zarr store of HU volumes"
+
+EXIT_OK, EXIT_NOTHING, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sources", nargs="*", metavar="SRC", help="DICOM files or folders (searched recursively)")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT.zarr", help="store to create or add to")
+    parser.add_argument("--labels", metavar="SEG.nii.gz", help="NIfTI label map for the (single) series in SRC, on its grid")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="parallel processes (default: %(default)s)")
+    parser.add_argument("--strict", action="store_true", help="fail series with gaps, uneven spacing or gantry tilt instead of warning")
+    parser.add_argument("--overwrite", action="store_true", help="rebuild cases already in the store (default: skip unchanged, refuse changed)")
+    parser.add_argument("--case-id", metavar="ID", help="case id for the single series in SRC (default: SeriesInstanceUID or a digest)")
+    parser.add_argument("--manifest", metavar="FILE.csv", help="CSV with columns source,labels,case_id,patient_id (one row per DICOM folder)")
+    parser.add_argument("--codec", choices=("zstd", "lz4", "none"), default="zstd", help="chunk compression (default: %(default)s)")
+
+
+@dataclass
+class Job:
+    """A group of sources converted together, with per-group overrides."""
+
+    sources: list[Path]
+    labels: Path | None = None
+    case_id: str | None = None
+    patient_id: str | None = None
+    origin: str = "command line"
+
+
+@dataclass
+class Outcome:
+    """Result of one series (or one refused file)."""
+
+    what: str  # case id or series description
+    status: str  # converted | up to date | skipped | failed
+    slices: int = 0
+    reason: str = ""
+    path: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    body_fraction: object = None
+    source_sha256: str = ""
+    counts: bool = True  # counts for the exit code (False: skipped by design)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tcsmae.convert.dicom_series import SKIPPED_BY_DESIGN, discover_files
+    from tcsmae.convert.store import StoreWriter, check_case_id
+    from tcsmae.errors import UserError
+
+    started = time.perf_counter()
+    jobs = _jobs_from_args(args)
+    if args.workers < 1:
+        raise UserError(f"--workers {args.workers}: give 1 or more")
+    if args.case_id is not None:
+        check_case_id(args.case_id)
+
+    files_of_job: list[list[Path]] = []
+    for job in jobs:
+        try:
+            files_of_job.append(discover_files(job.sources))
+        except FileNotFoundError as exc:
+            raise UserError(f"source {exc} does not exist ({job.origin}); give existing DICOM files or folders") from None
+    all_files = sorted({f for fs in files_of_job for f in fs})
+    if not all_files:
+        raise UserError(f"no files found in {', '.join(str(s) for j in jobs for s in j.sources)}", exit_code=EXIT_NOTHING)
+
+    with _pool(args.workers) as pool:
+        scans = _scan(all_files, pool)
+        scan_of = {s.path: s for s in scans}
+        plans, outcomes = _plan(jobs, files_of_job, scan_of)
+        skipped_files = [s for s in scans if s.kind in SKIPPED_BY_DESIGN]
+        with StoreWriter(args.output, codec=args.codec) as writer:
+            if writer.cleaned:
+                print(f"removed leftovers of unfinished cases: {', '.join(writer.cleaned)}", file=sys.stderr)
+            todo = []
+            for plan in plans:
+                existing = writer.source_sha256(plan.case_id)
+                if existing is None:
+                    todo.append(plan)
+                elif args.overwrite:
+                    writer.remove_case(plan.case_id)
+                    todo.append(plan)
+                elif existing == plan.source_sha256:
+                    outcomes.append(Outcome(plan.case_id, "up to date", len(plan.slices), "source digest unchanged", plan.first_file))
+                else:
+                    outcomes.append(Outcome(
+                        plan.case_id, "failed", 0,
+                        "already in the store from different source files; pass --overwrite to rebuild it",
+                        plan.first_file,
+                    ))
+            outcomes.extend(_convert(todo, writer, pool, args))
+    _print_summary(outcomes, skipped_files, args.output, time.perf_counter() - started)
+    return _exit_code(outcomes)
+
+
+def _jobs_from_args(args) -> list[Job]:
+    from tcsmae.convert.manifest import read_manifest
+    from tcsmae.errors import UserError
+
+    jobs: list[Job] = []
+    if args.sources:
+        jobs.append(Job([Path(s) for s in args.sources], Path(args.labels) if args.labels else None, args.case_id))
+    elif args.labels or args.case_id:
+        raise UserError("--labels and --case-id apply to the series in SRC; give SRC (or use the manifest's columns)")
+    if args.manifest:
+        for row in read_manifest(args.manifest):
+            jobs.append(Job([row.source], row.labels, row.case_id, row.patient_id, f"{args.manifest} line {row.line}"))
+    if not jobs:
+        raise UserError("nothing to convert: give SRC folders/files or --manifest FILE.csv")
+    if args.labels and not Path(args.labels).is_file():
+        raise UserError(f"--labels {args.labels} does not exist; give a NIfTI label map (.nii or .nii.gz)")
+    return jobs
+
+
+class _InlinePool:
+    """Stand-in for a process pool with one worker: runs tasks here (no process start-up)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def map(self, fn, items, chunksize=1):
+        return map(fn, items)
+
+
+def _pool(workers: int):
+    if workers == 1:
+        return _InlinePool()
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # forkserver/spawn, not fork: zarr keeps an event-loop thread that a forked child would lack
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method))
+
+
+def _scan(files: list[Path], pool) -> list:
+    from tqdm import tqdm
+
+    from tcsmae.convert.dicom_series import scan_file
+
+    chunk = max(1, min(64, len(files) // 32))
+    return list(tqdm(pool.map(scan_file, files, chunksize=chunk), total=len(files), desc="scanning", unit="file", disable=None, leave=False))
+
+
+def _plan(jobs: list[Job], files_of_job: list[list[Path]], scan_of: dict) -> tuple[list, list[Outcome]]:
+    from tcsmae.convert.dicom_series import plan_series
+    from tcsmae.errors import UserError
+
+    plans, outcomes = [], []
+    seen: dict[str, str] = {}
+    for job, files in zip(jobs, files_of_job):
+        job_plans, refusals = plan_series([scan_of[str(f)] for f in files])
+        for r in refusals:
+            outcomes.append(Outcome(r.what, "failed" if r.failed else "skipped", 0, r.reason, r.path, counts=True))
+        if (job.labels or job.case_id) and len(job_plans) != 1:
+            found = ", ".join(p.description for p in job_plans) or "none"
+            flag = "--labels" if job.labels else "--case-id"
+            raise UserError(
+                f"{flag} ({job.origin}) needs exactly one image series in {', '.join(map(str, job.sources))}, "
+                f"found {len(job_plans)}: {found}; give the folder of one series"
+            )
+        for plan in job_plans:
+            if job.case_id:
+                plan.case_id = job.case_id
+            plan.labels = str(job.labels) if job.labels else None
+            plan.patient_id = job.patient_id
+            if plan.case_id in seen:
+                outcomes.append(Outcome(plan.case_id, "failed", 0, f"case id already used by {seen[plan.case_id]}", plan.first_file))
+                continue
+            seen[plan.case_id] = plan.description
+            plans.append(plan)
+    return plans, outcomes
+
+
+def _convert(todo: list, writer, pool, args) -> list[Outcome]:
+    from tqdm import tqdm
+
+    outcomes = []
+    total = sum(len(p.slices) for p in todo)
+    tasks = [(plan, str(args.output), args.codec, args.strict) for plan in todo]
+    with tqdm(total=total, desc="converting", unit="slice", disable=None) as bar:
+        for plan, outcome in zip(todo, pool.map(convert_series, tasks, chunksize=1)):
+            if outcome.status == "converted":
+                writer.commit_case(outcome.what, outcome.body_fraction, outcome.source_sha256)
+            else:
+                writer.remove_case(plan.case_id)  # arrays of a failed case (never committed)
+            bar.update(len(plan.slices))
+            outcomes.append(outcome)
+    return outcomes
+
+
+def convert_series(task: tuple) -> Outcome:
+    """Worker: decode one series, align its labels, write its arrays (not committed).
+
+    task: (SeriesPlan, store path, codec, strict). Never raises for bad input: every
+    problem comes back as a failed Outcome naming the file.
+    """
+    from tcsmae.convert.dicom_series import SeriesError, case_attrs, read_series
+    from tcsmae.convert.label_alignment import align_labels
+    from tcsmae.convert.store import write_case_arrays
+    from tcsmae.errors import UserError
+
+    plan, store_path, codec, strict = task
+    try:
+        volume = read_series(plan, strict=strict)
+        attrs = case_attrs(plan, volume)
+        labels = None
+        if plan.labels:
+            g = volume.geometry
+            labels = align_labels(plan.labels, g.voxel_to_lps(), g.positions_mm, volume.hu.shape)
+            attrs["labels_source"] = plan.labels
+        bf = write_case_arrays(store_path, plan.case_id, volume.hu, attrs, labels, codec=codec)
+    except SeriesError as exc:
+        return Outcome(plan.case_id, "failed", 0, str(exc), exc.path or plan.first_file)
+    except UserError as exc:
+        return Outcome(plan.case_id, "failed", 0, str(exc), plan.labels or plan.first_file)
+    except MemoryError:
+        return Outcome(plan.case_id, "failed", 0, "out of memory; use fewer --workers", plan.first_file)
+    except Exception as exc:  # a bug or an exotic file: report it with the series, keep going
+        return Outcome(plan.case_id, "failed", 0, f"unexpected {type(exc).__name__}: {exc}", plan.first_file)
+    return Outcome(
+        plan.case_id, "converted", volume.hu.shape[0], "", plan.first_file, volume.warnings, bf, plan.source_sha256,
+    )
+
+
+def _print_summary(outcomes: list[Outcome], skipped_files: list, output, seconds: float) -> None:
+    from collections import Counter
+
+    rows = [(o.status, o.what, str(o.slices) if o.slices else "", _detail(o)) for o in outcomes]
+    order = {"converted": 0, "up to date": 1, "skipped": 2, "failed": 3}
+    rows.sort(key=lambda r: (order.get(r[0], 9), r[1]))
+    if rows:
+        width = min(max(len(r[1]) for r in rows), 70)
+        print(f"{'status':<11} {'case / series':<{width}} {'slices':>6}  detail")
+        for status, what, n, detail in rows:
+            print(f"{status:<11} {what[:width]:<{width}} {n:>6}  {detail}")
+    by_reason = Counter(s.reason for s in skipped_files)
+    for reason, count in sorted(by_reason.items()):
+        example = next(s.path for s in skipped_files if s.reason == reason)
+        print(f"skipped by design: {count} file(s): {reason} (e.g. {example})")
+    converted = [o for o in outcomes if o.status == "converted"]
+    n_slices = sum(o.slices for o in converted)
+    rate = n_slices / seconds if seconds > 0 else 0.0
+    counts = Counter(o.status for o in outcomes)
+    print(
+        f"{output}: {counts['converted']} converted ({n_slices} slices, {rate:.1f} slices/s), "
+        f"{counts['up to date']} up to date, {counts['skipped']} skipped, {counts['failed']} failed, "
+        f"{len(skipped_files)} file(s) skipped by design; {seconds:.1f} s"
+    )
+
+
+def _detail(o: Outcome) -> str:
+    if o.status == "converted":
+        return "; ".join(o.warnings) if o.warnings else "ok"
+    where = f" [file: {o.path}]" if o.path and o.path not in o.reason else ""
+    return o.reason + where
+
+
+def _exit_code(outcomes: list[Outcome]) -> int:
+    good = sum(o.status in ("converted", "up to date") for o in outcomes)
+    bad = sum(o.status in ("failed", "skipped") and o.counts for o in outcomes)
+    if good == 0:
+        return EXIT_NOTHING
+    return EXIT_PARTIAL if bad else EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Script entry: parse, run, print a UserError without a traceback."""
+    from tcsmae.errors import UserError
+
+    parser = argparse.ArgumentParser(prog="dicom_to_zarr.py", description=HELP)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except UserError as exc:
+        print(f"dicom_to_zarr: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    # run the installed module, so worker processes unpickle tcsmae.convert.* functions
+    from tcsmae.convert import dicom_to_zarr as _installed
+
+    sys.exit(_installed.main())
