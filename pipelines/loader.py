@@ -1,0 +1,168 @@
+"""PyTorch-facing loader: store -> DALI pipeline -> dict of torch tensors on the device.
+
+    loader = make_loader("ct.zarr", PipelineConfig(), batch_size=30, device="cuda")
+    for epoch in range(start_epoch, 60):
+        loader.set_epoch(epoch)
+        for batch in loader:                      # len(loader) batches (per rank)
+            batch["original"], batch["masked"]    # (N, 3, H, W) cfg.dtype, 0..1
+            batch["mask"]                         # (N, 1, H, W) float32, 0|1
+            batch["case_index"], batch["z"]       # (N,) int64: which slice each sample is
+            batch["label"]                        # (N, H, W) int64 (with_labels=True only)
+        state = loader.position                   # (epoch, step) for a checkpoint
+
+With labels (fine-tuning) masking is off (`masked` == `original`) and labels follow the same
+geometry with nearest-neighbour resampling. Resume: make_loader(..., epoch=e, step=s) starts
+at batch s of epoch e and yields the same batches and masks as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from tcsmae.errors import UserError
+
+from .config import PipelineConfig
+from .graph import processing_graph
+from .source import SliceSource
+
+_LAYOUTS = {"hu": "HW", "draw": None, "case_index": None, "z": None, "affine": None,
+            "label": "HW"}
+
+
+def _start_method(gpu: bool) -> str:
+    """'fork' is only safe before CUDA is initialised in this process; else 'spawn'."""
+    if gpu:
+        return "spawn"
+    from nvidia.dali import backend
+
+    return "spawn" if backend.IsDriverInitialized() else "fork"
+
+
+def build_pipeline(source, cfg: PipelineConfig, batch_size: int, device_id: int | None,
+                   num_threads: int = 2, py_workers: int = 1, prefetch: int = 2,
+                   outputs: tuple[str, ...] = ("original", "masked", "mask")):
+    """A DALI pipeline: `source` (SliceSource-like batch callable) -> processing_graph.
+
+    Outputs, in order: `outputs` (graph names), then case_index, z (and label if the
+    source has labels). py_workers = 0 runs the source in the main process.
+    """
+    from nvidia.dali import fn, pipeline_def
+
+    names = source.output_names
+
+    @pipeline_def
+    def pipe():
+        nodes = fn.external_source(
+            source=source, num_outputs=len(names), batch=True, batch_info=True,
+            parallel=py_workers > 0, layout=[_LAYOUTS[n] for n in names])
+        node = dict(zip(names, nodes))
+        graph = processing_graph(node["hu"], node["draw"], cfg, device_id,
+                                 affine=node.get("affine"), label=node.get("label"),
+                                 cpu_threads=num_threads)
+        result = [graph[o] for o in outputs] + [node["case_index"], node["z"]]
+        if "label" in graph:
+            result.append(graph["label"])
+        return tuple(result)
+
+    kwargs = {}
+    if py_workers > 0:
+        kwargs = {"py_num_workers": py_workers,
+                  "py_start_method": _start_method(device_id is not None)}
+    return pipe(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
+                prefetch_queue_depth=prefetch, seed=cfg.seed, **kwargs)
+
+
+class SliceLoader:
+    """Iterates one epoch per `for` loop; see the module doc. Build with make_loader."""
+
+    def __init__(self, store_path, cfg: PipelineConfig, batch_size: int, device: str = "cpu",
+                 rank: int = 0, world_size: int = 1, epoch: int = 0, step: int = 0,
+                 with_labels: bool = False, num_threads: int = 2, py_workers: int = 1,
+                 device_id: int | None = None, prefetch: int = 2):
+        if device not in ("cpu", "cuda"):
+            raise UserError(f"device {device!r}: choose 'cpu' or 'cuda'")
+        if with_labels:
+            cfg = dataclasses.replace(cfg, masking="none")
+        if device == "cuda" and device_id is None:
+            device_id = int(os.environ.get("LOCAL_RANK", 0))
+        self.store_path = store_path
+        self.cfg = cfg
+        self.batch_size = batch_size
+        self.device = device
+        self.device_id = device_id if device == "cuda" else None
+        self.rank, self.world_size = rank, world_size
+        self.with_labels = with_labels
+        self.num_threads, self.py_workers, self.prefetch = num_threads, py_workers, prefetch
+        self.epoch, self.step = int(epoch), int(step)
+        self._iterator = None
+        self._built_at: tuple[int, int] | None = None
+        self._source = SliceSource(store_path, cfg, batch_size, rank, world_size, epoch, step,
+                                   with_labels)
+
+    def __len__(self) -> int:
+        """Batches per full epoch on this rank."""
+        return self._source.n_batches
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """(epoch, step): the next batch to be yielded; save it to resume."""
+        return self.epoch, self.step
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` at step 0 on the next iteration (no-op if it is already next)."""
+        if (epoch, 0) != (self.epoch, self.step):
+            self.epoch, self.step = int(epoch), 0
+            self._close()
+
+    def _close(self) -> None:
+        self._iterator = None  # DALI frees the pipeline (and its workers) with the iterator
+
+    def _build(self) -> None:
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        source = SliceSource(self.store_path, self.cfg, self.batch_size, self.rank,
+                             self.world_size, self.epoch, self.step, self.with_labels)
+        pipe = build_pipeline(source, self.cfg, self.batch_size, self.device_id,
+                              self.num_threads, self.py_workers, self.prefetch)
+        names = ["original", "masked", "mask", "case_index", "z"]
+        if self.with_labels:
+            names.append("label")
+        self._iterator = DALIGenericIterator(pipe, names, auto_reset=True,
+                                             last_batch_policy=LastBatchPolicy.DROP)
+        self._built_at = (self.epoch, self.step)
+
+    def _convert(self, data: dict) -> dict:
+        import torch
+
+        dtype = getattr(torch, self.cfg.dtype)
+        batch = {
+            "original": data["original"].to(dtype),
+            "masked": data["masked"].to(dtype),
+            "mask": data["mask"],
+            "case_index": data["case_index"].reshape(-1).to(torch.int64),
+            "z": data["z"].reshape(-1).to(torch.int64),
+        }
+        if self.with_labels:
+            batch["label"] = data["label"][:, 0].to(torch.int64)
+        return batch
+
+    def __iter__(self):
+        if self._iterator is None:
+            self._build()
+        # DALI continues epoch after epoch; our (epoch, step) follows it.
+        for data in self._iterator:
+            batch = self._convert(data[0])
+            self.step += 1
+            yield batch
+        self.epoch, self.step = self.epoch + 1, 0
+
+
+def make_loader(store_path, cfg: PipelineConfig, batch_size: int, device: str = "cpu",
+                rank: int = 0, world_size: int = 1, epoch: int = 0, step: int = 0,
+                with_labels: bool = False, num_threads: int = 2, py_workers: int = 1,
+                device_id: int | None = None, prefetch: int = 2) -> SliceLoader:
+    """The training loader (see module doc). batch_size is per rank; py_workers reader
+    processes (0 = read in the main process); num_threads DALI/NumPy threads."""
+    return SliceLoader(store_path, cfg, batch_size, device, rank, world_size, epoch, step,
+                       with_labels, num_threads, py_workers, device_id, prefetch)

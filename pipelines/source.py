@@ -1,0 +1,178 @@
+"""Zarr slice source for `fn.external_source(batch=True, batch_info=True, parallel=...)`.
+
+One call returns one batch for this rank: per sample
+
+    hu       (Y, X) float32 HU (int16 and float32 cases alike: DALI refuses mixed types in a
+             batch); centred and padded with air to a square when cfg.size > 0
+    draw     (K,) uint8 chosen intervals (tissue; zeros for 'none') or (GY, GX) uint8
+             masked patches (patch), from masking.sample_rng(seed, epoch, slice_id)
+    case     (1,) int64 case index, z (1,) int64 slice within its case
+    affine   (2, 3) float32 destination-to-source matrix       (cfg.augment only)
+    label    (Y, X) int16 label ids, padded with 0               (with_labels only)
+
+Epochs: the eligible slices (index body fraction >= cfg.body_fraction_min) are shuffled by a
+generator keyed by (seed, epoch); the first n_batches * batch_size * world_size of that order
+are dealt round-robin to the ranks (rank r takes positions r, r + W, ...). So ranks are
+disjoint, every rank has exactly n_batches batches (unequal counts hang DDP at the epoch
+end), and together they cover the epoch except the dropped remainder. Resuming at
+(epoch, step) skips the first `step` batches of that epoch only; the draws depend only on
+(seed, epoch, slice id), so a resumed run sees the same batches and masks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from tcsmae.errors import UserError
+
+from .config import PipelineConfig
+from .masking import (STREAM_AFFINE, STREAM_MASK, draw_intervals, draw_patches,
+                      patch_grid_shape, sample_rng)
+from .resize import pad_to_square
+
+LABEL_MAX = np.iinfo(np.int16).max
+
+
+def epoch_order(eligible: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """Shuffled slice ids of one epoch: eligible (S',) int64 -> (S',) int64 permutation."""
+    rng = np.random.default_rng([int(seed), int(epoch)])
+    return eligible[rng.permutation(len(eligible))]
+
+
+def rank_slices(order: np.ndarray, batch_size: int, rank: int, world_size: int) -> np.ndarray:
+    """This rank's slice ids of an epoch: (n_batches * batch_size,) int64, batch-major."""
+    n_batches = len(order) // (batch_size * world_size)
+    used = order[: n_batches * batch_size * world_size]
+    return used[rank::world_size]
+
+
+def draw_mask(cfg: PipelineConfig, epoch: int, slice_id: int, shape: tuple[int, int]
+              ) -> np.ndarray:
+    """The per-sample mask draw (see module doc); shape (Y, X) of the output grid."""
+    rng = sample_rng(cfg.seed, epoch, slice_id, STREAM_MASK)
+    if cfg.masking == "tissue":
+        return draw_intervals(rng, cfg.intervals, cfg.n_masked_intervals)
+    if cfg.masking == "patch":
+        return draw_patches(rng, patch_grid_shape(shape, cfg.patch_size), cfg.patch_ratio)
+    return np.zeros(cfg.intervals, dtype=np.uint8)
+
+
+def draw_affine(cfg: PipelineConfig, epoch: int, slice_id: int, side: int) -> np.ndarray:
+    """Random affine about the image centre as a (2, 3) float32 destination-to-source matrix.
+
+    Forward map: rotate by theta, scale by s, shift by t (pixels); its inverse is returned
+    (DALI warp_affine's default convention; coordinates of pixel corners, x then y).
+    """
+    rng = sample_rng(cfg.seed, epoch, slice_id, STREAM_AFFINE)
+    theta = math.radians(rng.uniform(-cfg.rotation_deg, cfg.rotation_deg))
+    scale = rng.uniform(*cfg.scale_range)
+    shift = rng.uniform(-cfg.translation, cfg.translation, size=2) * side
+    c, s = math.cos(theta), math.sin(theta)
+    inverse = np.array([[c, s], [-s, c]]) / scale                  # (R(theta) * scale)^-1
+    centre = np.array([side / 2.0, side / 2.0])
+    offset = centre - inverse @ (centre + shift)
+    return np.concatenate([inverse, offset[:, None]], axis=1).astype(np.float32)
+
+
+class SliceSource:
+    """Batch callable for DALI's external_source; picklable (store reopened per process).
+
+    store_path: a tcsmae store (convert/store.py). batch_size: per rank.
+    epoch, step: where to start (resume). with_labels: also emit label slices.
+    """
+
+    def __init__(self, store_path, cfg: PipelineConfig, batch_size: int, rank: int = 0,
+                 world_size: int = 1, epoch: int = 0, step: int = 0, with_labels: bool = False):
+        from tcsmae.convert.store import open_store
+
+        if batch_size < 1:
+            raise UserError(f"batch size {batch_size} must be >= 1")
+        if not 0 <= rank < world_size:
+            raise UserError(f"rank {rank} must lie in [0, world_size={world_size})")
+        self.store = open_store(store_path)
+        self.cfg = cfg
+        self.batch_size = int(batch_size)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.start_epoch, self.start_step = int(epoch), int(step)
+        self.with_labels = bool(with_labels)
+        keep = self.store.body_fraction >= cfg.body_fraction_min
+        self.eligible = np.flatnonzero(keep).astype(np.int64)
+        self.n_batches = len(self.eligible) // (self.batch_size * self.world_size)
+        if self.n_batches == 0:
+            raise UserError(
+                f"{store_path}: {len(self.eligible)} slices pass body_fraction_min="
+                f"{cfg.body_fraction_min}, fewer than one batch of {self.batch_size} per rank "
+                f"x {self.world_size} ranks; lower the batch size or the filter")
+        if not 0 <= self.start_step < self.n_batches:
+            raise UserError(f"resume step {step} must lie in [0, {self.n_batches}) batches/epoch")
+        if with_labels:
+            missing = [c for c in self.store.case_ids if not self.store.has_labels(c)]
+            if missing:
+                raise UserError(f"{store_path}: cases without labels {missing[:5]}; fine-tuning "
+                                "needs a store whose cases all have label maps")
+        self._order_cache: tuple[int, np.ndarray] | None = None
+        self._pid = os.getpid()
+
+    @property
+    def num_outputs(self) -> int:
+        return 4 + int(self.cfg.augment) + int(self.with_labels)
+
+    @property
+    def output_names(self) -> list[str]:
+        names = ["hu", "draw", "case_index", "z"]
+        if self.cfg.augment:
+            names.append("affine")
+        if self.with_labels:
+            names.append("label")
+        return names
+
+    def epoch_slices(self, epoch: int) -> np.ndarray:
+        """This rank's slice ids of `epoch`, (n_batches * batch_size,) int64."""
+        if self._order_cache is None or self._order_cache[0] != epoch:
+            order = epoch_order(self.eligible, self.cfg.seed, epoch)
+            self._order_cache = (epoch, rank_slices(order, self.batch_size, self.rank,
+                                                    self.world_size))
+        return self._order_cache[1]
+
+    def batch_ids(self, epoch: int, step: int) -> np.ndarray:
+        """Slice ids of batch `step` of `epoch` for this rank, (batch_size,) int64."""
+        ids = self.epoch_slices(epoch)
+        return ids[step * self.batch_size:(step + 1) * self.batch_size]
+
+    def read_sample(self, slice_id: int, epoch: int) -> list[np.ndarray]:
+        """All outputs of one sample (order of `output_names`)."""
+        cfg = self.cfg
+        case, z = int(self.store.slice_case[slice_id]), int(self.store.slice_z[slice_id])
+        hu = self.store.read_slice(case, z)
+        if cfg.size > 0:
+            hu = pad_to_square(hu, cfg.pad_hu)
+        out_shape = (cfg.size, cfg.size) if cfg.size > 0 else hu.shape
+        sample = [np.ascontiguousarray(hu, dtype=np.float32),
+                  draw_mask(cfg, epoch, slice_id, out_shape),
+                  np.array([case], dtype=np.int64), np.array([z], dtype=np.int64)]
+        if cfg.augment:
+            sample.append(draw_affine(cfg, epoch, slice_id, hu.shape[0]))
+        if self.with_labels:
+            label = self.store.read_label_slice(case, z)
+            if label.min() < 0 or label.max() > LABEL_MAX:
+                raise UserError(f"{self.store.path}: case {self.store.case_ids[case]!r} has "
+                                f"label ids outside [0, {LABEL_MAX}]")
+            if cfg.size > 0:
+                label = pad_to_square(label, 0)
+            sample.append(np.ascontiguousarray(label, dtype=np.int16))
+        return sample
+
+    def epoch_and_step(self, epoch_idx: int, iteration: int) -> tuple[int, int]:
+        """DALI's (epoch_idx, iteration) since the pipeline was built -> (epoch, step)."""
+        step = iteration + (self.start_step if epoch_idx == 0 else 0)
+        return self.start_epoch + epoch_idx, step
+
+    def __call__(self, batch_info) -> list[list[np.ndarray]]:
+        epoch, step = self.epoch_and_step(batch_info.epoch_idx, batch_info.iteration)
+        if step >= self.n_batches:
+            raise StopIteration
+        samples = [self.read_sample(int(i), epoch) for i in self.batch_ids(epoch, step)]
+        return [list(column) for column in zip(*samples)]
