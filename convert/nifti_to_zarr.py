@@ -295,7 +295,8 @@ def convert_sources(sources: list[NiftiSource], out: Path, codec: str = "zstd", 
 def add_arguments(parser) -> None:
     parser.add_argument("sources", nargs="*", type=Path,
                         help="NIfTI image files or TotalSegmentator case folders (ct.nii.gz + segmentations/)")
-    parser.add_argument("-o", "--out", required=True, type=Path, help="output store OUT.zarr (created or extended)")
+    parser.add_argument("-o", "--output", "--out", dest="out", required=True, type=Path,
+                        help="output store OUT.zarr (created or extended)")
     parser.add_argument("--labels", type=Path, help="NIfTI label map on the image's grid (one source only)")
     parser.add_argument("--case-id", help="case id (one source only; default: file name without .nii.gz, or folder name)")
     parser.add_argument("--patient-id", help="patient id to record (one source only; folds split by patient)")

@@ -341,14 +341,16 @@ def make_case(cfg: PhantomConfig, index: int) -> PhantomCase:
         lab[les] = 9
         hu[les & ~vessels] = u(-600, -300)
 
-    # mediastinal masses (label 10) in front of the aorta and trachea
+    # mediastinal masses (label 10): centred in mediastinal fat, growing into fat, soft tissue
+    # and lung (not into the heart, vessels, airways or bone)
     n_masses = int(rng.integers(1, 3))
+    mediastinal_fat = (lab == 2) & g.ellipse(0, -0.15 * Bc, 0.2 * Ac, 0.72 * Bc) & (t > 0.25)
+    if not mediastinal_fat.any():
+        mediastinal_fat = np.isin(lab, (2, 3)) & (np.abs(g.x) < 30)
     for _ in range(n_masses):
-        c = (u(-25, 25), -0.35 * float(Bc.mean()) * u(0.5, 1.2), u(0.45, 0.85) * (Z - 1) * g.dz)
+        c = _random_point_in(mediastinal_fat, g, rng)
         r = (u(10, 22), u(10, 20), u(10, 22))
         mass = g.ellipsoid(c, r) & np.isin(lab, (1, 2, 3))
-        if not mass.any():  # a thin volume may miss it: place it at the centre slice
-            mass = g.ellipsoid((c[0], c[1], 0.5 * (Z - 1) * g.dz), r) & np.isin(lab, (1, 2, 3))
         lab[mass] = 10
         hu[mass] = u(20, 60)
 
@@ -499,7 +501,7 @@ def write_phantom(cfg: PhantomConfig, out: Path, overwrite: bool = False, progre
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("-o", "--out", required=True, type=Path, help="output folder")
+    parser.add_argument("-o", "--output", "--out", dest="out", required=True, type=Path, help="output folder")
     parser.add_argument("--cases", type=int, default=8, help="number of cases (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--size", type=int, default=128, help="rows = columns in pixels (default 128; 512 = 0.7 mm pixels)")
@@ -526,6 +528,10 @@ if __name__ == "__main__":
     import argparse
     import sys
 
-    _p = argparse.ArgumentParser(prog="phantom", description=HELP)
+    _p = argparse.ArgumentParser(prog="phantom.py", description=HELP)
     add_arguments(_p)
-    sys.exit(run(_p.parse_args()))
+    try:
+        sys.exit(run(_p.parse_args()))
+    except UserError as _exc:
+        print(f"phantom.py: error: {_exc}", file=sys.stderr)
+        sys.exit(_exc.exit_code)
