@@ -280,3 +280,49 @@ def encode_jpeg_lossless_sv1(image: np.ndarray, precision: int = 16) -> bytes:
     dht = bytes([0x00]) + bytes(counts) + bytes(range(17))
     sos = bytes([1, 1, 0x00, 1, 0, 0])  # Ss = predictor 1, Se = 0, Ah/Al = 0
     return b"\xff\xd8" + segment(0xC3, sof) + segment(0xC4, dht) + segment(0xDA, sos) + bytes(data) + b"\xff\xd9"
+
+
+# ---------------------------------------------------------------- NIfTI label maps for a series
+def dicom_affine(series: Series) -> np.ndarray:
+    """(4, 4) voxel (x, y, z) -> LPS mm affine of a clean (untilted, evenly spaced) series."""
+    first = series.datasets[series.order[0]]
+    iop = np.array(first.ImageOrientationPatient, float)
+    ps = np.array(first.PixelSpacing, float)
+    second = series.datasets[series.order[1]]
+    step = np.array(second.ImagePositionPatient, float) - np.array(first.ImagePositionPatient, float)
+    a = np.eye(4)
+    a[:3, 0] = iop[:3] * ps[1]
+    a[:3, 1] = iop[3:] * ps[0]
+    a[:3, 2] = step
+    a[:3, 3] = np.array(first.ImagePositionPatient, float)
+    return a
+
+
+def write_nifti_labels(labels_zyx: np.ndarray, voxel_to_lps: np.ndarray, path: Path,
+                       axes: tuple[int, int, int] = (0, 1, 2), flips: tuple[bool, bool, bool] = (False, True, False),
+                       dtype=np.uint8) -> Path:
+    """Save labels (Z, Y, X) on a DICOM grid as NIfTI (RAS affine), with its axes reordered/flipped.
+
+    flips[a]: DICOM axis a (x, y, z) runs backwards in the file; axes[p]: the DICOM axis that
+    NIfTI axis p holds. The default (y flipped) is how dcm2niix-style files store axial CT.
+    """
+    import nibabel as nib
+
+    xyz = np.transpose(labels_zyx, (2, 1, 0))
+    a = voxel_to_lps.copy()
+    for ax in range(3):
+        if flips[ax]:
+            xyz = np.flip(xyz, axis=ax)
+            n = xyz.shape[ax]
+            f = np.eye(4)
+            f[ax, ax] = -1
+            f[ax, 3] = n - 1
+            a = a @ f
+    data = np.transpose(xyz, axes)
+    p = np.zeros((4, 4))
+    p[3, 3] = 1
+    for new, old in enumerate(axes):
+        p[old, new] = 1
+    ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ a @ p
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(data).astype(dtype), ras), str(path))
+    return path

@@ -1,0 +1,254 @@
+"""The DICOM converter as a command: exit codes, re-runs, --overwrite, crashes, the lock,
+adding series to a store, manifests, the script form and parallel workers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from dicom_factory import ct_series, dicom_affine, write_nifti_labels, write_series
+
+from tcsmae.cli import main
+from tcsmae.convert.store import StoreWriter, open_store
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def convert(capsys):
+    def run(*args, workers: int = 1):
+        code = main(["convert", *map(str, args), "--workers", str(workers)])
+        out = capsys.readouterr()
+        return code, out.out + out.err
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def two_series(tmp_path_factory):
+    """Folders a/ and b/ with one clean series each; returns (root, series_a, series_b)."""
+    root = tmp_path_factory.mktemp("two")
+    a, b = ct_series(n=5, seed=1), ct_series(n=6, seed=2)
+    write_series(a.datasets, root / "a")
+    write_series(b.datasets, root / "b")
+    return root, a, b
+
+
+def uid(series) -> str:
+    return series.datasets[0].SeriesInstanceUID
+
+
+def test_exit_0_converted_then_up_to_date_on_rerun(tmp_path, convert, two_series):
+    root, a, b = two_series
+    out_zarr = tmp_path / "s.zarr"
+    code, out = convert(root, "-o", out_zarr)
+    assert code == 0, out
+    store = open_store(out_zarr)
+    assert sorted(store.case_ids) == sorted([uid(a), uid(b)])
+    np.testing.assert_array_equal(store.image(uid(a))[:], a.hu)
+    index_mtime = (out_zarr / "slice_index.npz").stat().st_mtime_ns
+    shard = next((out_zarr / "images" / uid(a)).rglob("c/*"))
+    shard_mtime = shard.stat().st_mtime_ns
+
+    code, out = convert(root, "-o", out_zarr)
+    assert code == 0, out
+    assert out.count("up to date") >= 2 and "0 converted" in out
+    assert (out_zarr / "slice_index.npz").stat().st_mtime_ns == index_mtime
+    assert shard.stat().st_mtime_ns == shard_mtime  # nothing rewritten
+
+    code, out = convert(root, "-o", out_zarr, "--overwrite")
+    assert code == 0 and "2 converted" in out, out
+    assert shard.stat().st_mtime_ns != shard_mtime
+    assert sorted(open_store(out_zarr).case_ids) == sorted([uid(a), uid(b)])
+
+
+def test_changed_source_is_refused_without_overwrite(tmp_path, convert):
+    s = ct_series(n=4)
+    paths = write_series(s.datasets, tmp_path / "s")
+    assert convert(tmp_path / "s", "-o", tmp_path / "o.zarr")[0] == 0
+    ds = s.datasets[0]
+    ds.RescaleIntercept = -1000
+    ds.save_as(paths[0], enforce_file_format=True)
+    code, out = convert(tmp_path / "s", "-o", tmp_path / "o.zarr")
+    assert code == 1 and "--overwrite" in out, out
+    code, out = convert(tmp_path / "s", "-o", tmp_path / "o.zarr", "--overwrite")
+    assert code == 0, out
+    store = open_store(tmp_path / "o.zarr")
+    k = s.order.index(0)
+    np.testing.assert_array_equal(store.image(uid(s))[k], s.hu[k] + 24)
+
+
+def test_exit_codes_3_partial_and_1_nothing(tmp_path, convert, two_series):
+    root, a, _ = two_series
+    bad = ct_series(n=2, seed=9)
+    write_series(bad.datasets, tmp_path / "bad")
+    code, out = convert(root / "a", tmp_path / "bad", "-o", tmp_path / "p.zarr")
+    assert code == 3, out
+    code, out = convert(tmp_path / "bad", "-o", tmp_path / "n.zarr")
+    assert code == 1, out
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "x.txt").write_text("hello")
+    code, out = convert(tmp_path / "junk", "-o", tmp_path / "j.zarr")
+    assert code == 1 and "1 file(s): not a DICOM file" in out
+
+
+def test_exit_2_usage_errors(tmp_path, convert, two_series, capsys):
+    root, _, _ = two_series
+    code, out = convert(tmp_path / "missing", "-o", tmp_path / "u.zarr")
+    assert code == 2 and "does not exist" in out
+    code, out = convert(root, "-o", tmp_path / "u.zarr", "--case-id", "x")
+    assert code == 2 and "exactly one image series" in out and "found 2" in out
+    code, out = convert(root / "a", "-o", tmp_path / "u.zarr", "--case-id", "bad/id")
+    assert code == 2 and "not usable" in out
+    code, out = convert(root / "a", "-o", tmp_path / "u.zarr", "--labels", tmp_path / "nope.nii.gz")
+    assert code == 2 and "does not exist" in out
+    code, out = convert(root / "a", "-o", tmp_path / "u.zarr", workers=0)
+    assert code == 2 and "--workers" in out
+    with pytest.raises(SystemExit) as exc:
+        main(["convert", str(root)])  # no -o
+    assert exc.value.code == 2
+    (tmp_path / "not_a_store").mkdir()
+    (tmp_path / "not_a_store" / "file.txt").write_text("x")
+    code, out = convert(root / "a", "-o", tmp_path / "not_a_store")
+    assert code == 2 and "not a Zarr store" in out
+
+
+def test_case_id_override(tmp_path, convert, two_series):
+    root, a, _ = two_series
+    code, out = convert(root / "a", "-o", tmp_path / "c.zarr", "--case-id", "patient7_ct")
+    assert code == 0, out
+    store = open_store(tmp_path / "c.zarr")
+    assert store.case_ids == ["patient7_ct"]
+    assert store.case_attrs("patient7_ct")["series_uid"] == uid(a)
+
+
+def test_case_id_without_series_uid_is_a_stable_digest(tmp_path, convert):
+    s = ct_series(n=4, series_uid=None)
+    write_series(s.datasets, tmp_path / "s")
+    convert(tmp_path / "s", "-o", tmp_path / "1.zarr")
+    (tmp_path / "moved").mkdir()
+    os.rename(tmp_path / "s", tmp_path / "moved" / "elsewhere")
+    convert(tmp_path / "moved", "-o", tmp_path / "2.zarr")
+    ids1, ids2 = open_store(tmp_path / "1.zarr").case_ids, open_store(tmp_path / "2.zarr").case_ids
+    assert ids1 == ids2 and ids1[0].startswith("dcm-")
+    other = ct_series(n=4, series_uid=None, seed=5)
+    write_series(other.datasets, tmp_path / "o")
+    convert(tmp_path / "o", "-o", tmp_path / "3.zarr")
+    assert open_store(tmp_path / "3.zarr").case_ids != ids1
+
+
+def test_crash_mid_conversion_leaves_no_half_case(tmp_path, convert, two_series, monkeypatch):
+    root, a, b = two_series
+    out_zarr = tmp_path / "c.zarr"
+    assert convert(root / "a", "-o", out_zarr)[0] == 0
+
+    def crash(self, case_id, body_frac, source_sha256):
+        raise RuntimeError("simulated crash after the arrays were written")
+
+    monkeypatch.setattr(StoreWriter, "commit_case", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(["convert", str(root / "b"), "-o", str(out_zarr), "--workers", "1"])
+    monkeypatch.undo()
+    assert (out_zarr / "images" / uid(b)).is_dir()  # the arrays were written ...
+    store = open_store(out_zarr)
+    assert store.case_ids == [uid(a)]  # ... but the case is not visible
+    assert store.n_slices == 5
+    np.testing.assert_array_equal(store.image(uid(a))[:], a.hu)
+
+    code, out = convert(root / "b", "-o", out_zarr)
+    assert code == 0, out
+    assert f"removed leftovers of unfinished cases: images/{uid(b)}" in out
+    store = open_store(out_zarr)
+    assert sorted(store.case_ids) == sorted([uid(a), uid(b)])
+    np.testing.assert_array_equal(store.image(uid(b))[:], b.hu)
+
+
+def test_second_writer_fails_clearly(tmp_path, convert, two_series):
+    root, _, _ = two_series
+    with StoreWriter(tmp_path / "l.zarr"):
+        code, out = convert(root / "a", "-o", tmp_path / "l.zarr")
+    assert code != 0
+    assert "being written by another process" in out
+    assert "Traceback" not in out
+
+
+def test_adding_series_keeps_the_store_readable(tmp_path, convert, two_series):
+    root, a, b = two_series
+    out_zarr = tmp_path / "grow.zarr"
+    assert convert(root / "a", "-o", out_zarr)[0] == 0
+    reader = open_store(out_zarr)  # a reader opened before the addition
+    assert convert(root / "b", "-o", out_zarr)[0] == 0
+    np.testing.assert_array_equal(reader.image(uid(a))[:], a.hu)
+    assert reader.case_ids == [uid(a)]
+    store = open_store(out_zarr)
+    assert store.case_ids == [uid(a), uid(b)]
+    assert store.n_slices == 11
+    np.testing.assert_array_equal(store.slice_case, [0] * 5 + [1] * 6)
+    np.testing.assert_array_equal(store.read_slice(1, 2), b.hu[2].astype(np.float32))
+
+
+def test_manifest_rows_with_overrides_and_labels(tmp_path, convert, two_series):
+    root, a, b = two_series
+    labels = (a.hu > 500).astype(np.uint8)  # the spine
+    write_nifti_labels(labels, dicom_affine(a), tmp_path / "a_seg.nii.gz")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(
+        "source,labels,case_id,patient_id\n"
+        f"{root / 'a'},a_seg.nii.gz,caseA,P-7\n"
+        f"{root / 'b'},,,\n"
+    )
+    code, out = convert("--manifest", manifest, "-o", tmp_path / "m.zarr")
+    assert code == 0, out
+    store = open_store(tmp_path / "m.zarr")
+    assert sorted(store.case_ids) == sorted(["caseA", uid(b)])
+    assert store.case_attrs("caseA")["patient_id"] == "P-7"
+    assert store.case_attrs(uid(b))["patient_id"] == "PAT-1"
+    np.testing.assert_array_equal(store.label("caseA")[:], labels)
+    assert not store.has_labels(uid(b))
+
+
+def test_manifest_mistakes_are_usage_errors(tmp_path, convert):
+    from tcsmae.convert.manifest import read_manifest
+    from tcsmae.errors import UserError
+
+    m = tmp_path / "m.csv"
+    m.write_text("path,labels\nx,\n")
+    with pytest.raises(UserError, match="no 'source' column"):
+        read_manifest(m)
+    m.write_text(f"source,case_id\n{tmp_path},a\n{tmp_path},a\n")
+    with pytest.raises(UserError, match="line 3.*already used on line 2"):
+        read_manifest(m)
+    m.write_text("source\nnot_there\n")
+    with pytest.raises(UserError, match="line 2: source .*not_there does not exist"):
+        read_manifest(m)
+    m.write_text(f"source,labels,notes\n{tmp_path},,anything\n\n")
+    rows = read_manifest(m)
+    assert len(rows) == 1 and rows[0].labels is None and rows[0].case_id is None and rows[0].source == tmp_path
+    code, out = convert("--manifest", tmp_path / "none.csv", "-o", tmp_path / "x.zarr")
+    assert code == 2 and "does not exist" in out
+
+
+def test_script_form_with_two_workers(tmp_path, two_series):
+    """`python convert/dicom_to_zarr.py` goes through argparse and a real process pool."""
+    root, a, b = two_series
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "convert" / "dicom_to_zarr.py"), str(root), "-o", str(tmp_path / "w.zarr"),
+         "--workers", "2", "--codec", "lz4"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 converted (11 slices" in proc.stdout
+    store = open_store(tmp_path / "w.zarr")
+    np.testing.assert_array_equal(store.image(uid(a))[:], a.hu)
+    np.testing.assert_array_equal(store.image(uid(b))[:], b.hu)
+    assert store.case_attrs(uid(b))["codec"] == "lz4"
+    proc = subprocess.run([sys.executable, str(REPO / "convert" / "dicom_to_zarr.py"), str(root)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "-o" in proc.stderr
+    proc = subprocess.run([sys.executable, str(REPO / "convert" / "dicom_to_zarr.py"), str(tmp_path / "nope"), "-o", str(tmp_path / "x.zarr")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
