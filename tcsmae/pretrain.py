@@ -1,0 +1,221 @@
+"""`tcsmae pretrain`: TCS-MAE pretraining on a store (or on the embedded phantom default).
+
+    tcsmae pretrain [--data STORE.zarr] [--out DIR] [--preset paper|demo] [--config FILE]
+                    [--epochs N] [--steps-per-epoch N] [--batch-size N] [--size PX]
+                    [--encoder NAME] [--device cpu|cuda] [--resume CKPT] ...
+
+Configuration is layered: preset (default `paper`) -> `--variant` -> `--config FILE`
+(JSON, nested like DIR/config.json) -> explicit flags. With `--resume CKPT` the
+checkpoint's own configuration replaces the preset, and only the file and flags given
+change it (the input size and encoder cannot: the layer sizes depend on them).
+
+Multi-GPU / multi-node: `torchrun --nproc-per-node G -m tcsmae pretrain ...`; `--batch-size`
+is per rank, the global batch and the learning rate used are logged (the lr is not scaled).
+
+Writes DIR/config.json, DIR/metrics.jsonl, DIR/checkpoints/last.pt, DIR/tensorboard/.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+HELP = "pretrain the TCS-MAE U-Net (paired masked/original reconstruction + tissue contrast)"
+
+PHANTOM_VERSION = "phantom-v1"
+PHANTOM_CASES, PHANTOM_SLICES, PHANTOM_SIZE = 16, 32, 256
+
+
+def add_arguments(parser) -> None:
+    a = parser.add_argument
+    a("--data", metavar="STORE.zarr", help="tcsmae store to pretrain on (default: the embedded phantom, "
+      "built on first use in $TCSMAE_CACHE or ~/.cache/tcsmae)")
+    a("--out", default="runs/pretrain", metavar="DIR", help="run folder (default: %(default)s)")
+    a("--preset", choices=("paper", "demo"), default=None,
+      help="paper = the paper's setup (default); demo = mit_b0, 128x128, a few hundred steps (CPU)")
+    a("--variant", choices=("paper", "authors"), default=None,
+      help="authors = the public code's loss: cosine-embedding x1000 on max-pooled heads of F3..F5, SSIM window 15")
+    a("--config", metavar="FILE", help="JSON file of config overrides, nested like DIR/config.json")
+    a("--resume", metavar="CKPT", help="continue from a checkpoint (e.g. DIR/checkpoints/last.pt)")
+    a("--epochs", type=int)
+    a("--steps-per-epoch", type=int, help="cap batches per epoch per rank (0 = whole store)")
+    a("--batch-size", type=int, help="slices per rank per step (paper: 30)")
+    a("--size", type=int, metavar="PX", help="training image side (paper: 256)")
+    a("--encoder", help="smp encoder name (paper: mit_b2)")
+    a("--device", choices=("auto", "cpu", "cuda"), help="default: cuda when available")
+    a("--precision", choices=("auto", "bf16", "fp16", "fp32"), help="network autocast (losses are fp32)")
+    a("--masking", choices=("tissue", "patch", "none"), help="tissue (TCS-MAE), patch (MAE baseline) or none")
+    a("--rho", type=float, help="tissue masking ratio (0.75 mediastinal, 0.35 pneumonia)")
+    a("--mep-levels", nargs="+", metavar="LEVEL",
+      help="encoder levels with projection heads: none | F5 | F4 F5 (default) | F3 F4 F5 (Table V)")
+    a("--lr", type=float, help="Adam learning rate (paper: 1e-4)")
+    a("--seed", type=int, help="seed of init, sample order and masks")
+    a("--checkpoint-every", type=int, metavar="N", help="checkpoint every N steps (0 = epoch ends only)")
+    a("--log-every", type=int, metavar="N")
+    a("--workers", type=int, help="data-loading workers per rank")
+    a("--compile", action="store_true", default=None, help="torch.compile the network")
+
+
+def parse_mep_levels(tokens: list[str]) -> tuple[int, ...]:
+    """['none'] -> (); ['F4', 'F5'] or ['4,5'] -> (4, 5)."""
+    from tcsmae.errors import UserError
+
+    parts = [p for t in tokens for p in t.replace(",", " ").split()]
+    if [p.lower() for p in parts] in (["none"], ["0"]):
+        return ()
+    try:
+        return tuple(int(p.upper().removeprefix("F")) for p in parts)
+    except ValueError:
+        raise UserError(f"--mep-levels {' '.join(tokens)}: use none, F5, F4 F5 or F3 F4 F5") from None
+
+
+def flag_overrides(args) -> dict:
+    """The explicitly given flags as nested TrainConfig overrides."""
+    o: dict = {"model": {}, "pipeline": {}}
+    top = {"epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch, "batch_size": args.batch_size,
+           "device": args.device, "precision": args.precision, "lr": args.lr, "seed": args.seed,
+           "checkpoint_every": args.checkpoint_every, "log_every": args.log_every, "workers": args.workers,
+           "compile": args.compile}
+    o.update({k: v for k, v in top.items() if v is not None})
+    if args.encoder is not None:
+        o["model"]["encoder"] = args.encoder
+    if args.mep_levels is not None:
+        o["model"]["mep_levels"] = list(parse_mep_levels(args.mep_levels))
+    pipe = {"size": args.size, "masking": args.masking, "rho": args.rho, "seed": args.seed}
+    o["pipeline"].update({k: v for k, v in pipe.items() if v is not None})
+    return {k: v for k, v in o.items() if v != {}}
+
+
+VARIANTS = {
+    "paper": {},
+    "authors": {"model": {"projection": "maxpool", "mep_levels": [3, 4, 5]},
+                "loss": {"contrastive": "cosine", "ssim_window": 15}},
+}
+
+
+def build_config(args, stored: dict | None = None):
+    """TrainConfig from preset/stored config, variant, --config file and flags (in that order)."""
+    from tcsmae.config import apply_overrides, config_from_dict, load_config_file, preset
+
+    cfg = config_from_dict(stored) if stored is not None else preset(args.preset or "paper")
+    if args.variant:
+        cfg = apply_overrides(cfg, VARIANTS[args.variant], where=f"--variant {args.variant}")
+    if args.config:
+        cfg = load_config_file(args.config, cfg)
+    return apply_overrides(cfg, flag_overrides(args), where="command-line flags")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TCSMAE_CACHE") or Path.home() / ".cache" / "tcsmae")
+
+
+def default_store(is_main: bool, say=print) -> Path:
+    """The embedded default data: a phantom store in the cache, built on first use (by rank 0;
+    under torchrun the caller makes the other ranks wait at a barrier)."""
+    from filelock import FileLock
+
+    from tcsmae.convert import dicom_to_zarr
+    from tcsmae.convert.phantom import PhantomConfig, write_phantom
+    from tcsmae.convert.store import open_store
+    from tcsmae.errors import UserError
+
+    folder = cache_root() / PHANTOM_VERSION
+    store = folder / "phantom.zarr"
+    if not is_main:
+        return store
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder / ".build.lock")):
+        try:
+            open_store(store)
+            say(f"no --data given: training on the embedded phantom default {store}")
+            return store
+        except UserError:
+            pass
+        say(f"no --data given: building the embedded phantom default in {folder} "
+            f"({PHANTOM_CASES} synthetic chest CT series, {PHANTOM_SLICES} slices of "
+            f"{PHANTOM_SIZE}x{PHANTOM_SIZE}; once)")
+        source = folder / "source"
+        cfg = PhantomConfig(cases=PHANTOM_CASES, seed=0, size=PHANTOM_SIZE, slices=PHANTOM_SLICES)
+        write_phantom(cfg, source, overwrite=True)
+        code = dicom_to_zarr.main(["--manifest", str(source / "manifest.csv"), "-o", str(store),
+                                   "--workers", str(min(4, os.cpu_count() or 1))])
+        if code != 0:
+            raise UserError(f"building the default phantom store {store} failed (convert exit code {code}); "
+                            f"delete {folder} and retry, or pass --data")
+        open_store(store)
+    return store
+
+
+def pretraining_case_digests(store_path: Path) -> dict:
+    """Salted SHA-256 digests of the store's series and patient ids (case id when empty)."""
+    import secrets
+
+    from tcsmae.convert.store import open_store
+    from tcsmae.folds import salted_digest
+
+    store = open_store(store_path)
+    salt = secrets.token_hex(16)
+    series, patients, cases = set(), set(), set()
+    for case_id in store.case_ids:
+        attrs = store.case_attrs(case_id)
+        series.add(salted_digest(salt, str(attrs.get("series_uid") or "").strip() or case_id))
+        patients.add(salted_digest(salt, str(attrs.get("patient_id") or "").strip() or case_id))
+        cases.add(salted_digest(salt, case_id))
+    return {"salt": salt, "series_digests": sorted(series), "patient_digests": sorted(patients),
+            "case_digests": sorted(cases), "n_cases": len(store.case_ids)}
+
+
+class StoreBatches:
+    """The pipelines' loader as an engine BatchSource: batches(epoch, start_step)."""
+
+    def __init__(self, store_path: Path, cfg, ctx):
+        from tcsmae.pipelines.loader import make_loader
+
+        self._make = make_loader
+        self.store_path, self.cfg, self.ctx = store_path, cfg, ctx
+        self.steps_per_epoch = len(self(0, 0))
+
+    def __call__(self, epoch: int, start_step: int):
+        device = "cpu" if self.ctx.device.type == "cpu" else self.ctx.device.index
+        return self._make(self.store_path, self.cfg.pipeline, self.cfg.batch_size, device=device,
+                          rank=self.ctx.rank, world_size=self.ctx.world_size, epoch=epoch, step=start_step,
+                          workers=self.cfg.workers)
+
+
+def run(args) -> int:
+    from tcsmae.checkpoint import check_resume_compatible, load_checkpoint
+    from tcsmae.distributed import broadcast_object, init_distributed, main_process_first, shutdown
+    from tcsmae.engine import pretrain
+    from tcsmae.errors import UserError
+
+    ckpt = load_checkpoint(args.resume) if args.resume else None
+    cfg = build_config(args, stored=ckpt["config"] if ckpt else None)
+    if ckpt is not None:
+        check_resume_compatible(ckpt, args.resume, cfg.input_size, cfg.model.encoder)
+    ctx = init_distributed(cfg.device)
+    say = print if ctx.is_main else (lambda *a, **k: None)
+    try:
+        if args.data:
+            store = Path(args.data)
+        else:
+            with main_process_first(ctx):
+                store = default_store(ctx.is_main, say)
+        if not store.exists():
+            raise UserError(f"--data {store} does not exist: convert DICOM first (tcsmae convert ... -o {store})")
+        cases = pretraining_case_digests(store) if ctx.is_main and ckpt is None else None
+        cases = broadcast_object(cases, ctx)
+        batches = StoreBatches(store, cfg, ctx)
+        say(f"pretraining {cfg.model.encoder} at {cfg.input_size}x{cfg.input_size} on {store}: "
+            f"{ctx.world_size} rank(s) on {ctx.device}, global batch {cfg.batch_size * ctx.world_size} "
+            f"({cfg.batch_size} per rank), lr {cfg.lr} (gamma {cfg.lr_gamma}/epoch), masking "
+            f"{cfg.pipeline.masking}, MEP levels {['F%d' % v for v in cfg.model.mep_levels] or 'none'}, "
+            f"{batches.steps_per_epoch} batches per epoch per rank"
+            + (f" (capped at {cfg.steps_per_epoch})" if cfg.steps_per_epoch else ""))
+        if ckpt is not None:
+            say(f"resuming from {args.resume} at epoch {ckpt['data_position']['epoch']}, "
+                f"step {ckpt['step']}")
+        pos = pretrain(cfg, batches, args.out, ctx, resume=ckpt, pretraining_cases=cases)
+        say(f"done: {pos.step} steps, {pos.epoch} epochs; checkpoint {Path(args.out) / 'checkpoints' / 'last.pt'}")
+    finally:
+        shutdown(ctx)
+    return 0

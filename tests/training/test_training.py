@@ -1,0 +1,139 @@
+"""Short CPU training runs: the loss goes down, checkpoints reload with weights_only=True,
+a resumed run repeats the uninterrupted one step for step, and export loads into smp."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import segmentation_models_pytorch as smp
+import torch
+
+from tcsmae.checkpoint import check_resume_compatible, load_checkpoint
+from tcsmae.config import ModelConfig, TrainConfig, preset
+from tcsmae.distributed import DistContext
+from tcsmae.engine import SyntheticBatches, build_training, pretrain
+from tcsmae.errors import UserError
+from tcsmae.export import export
+from tcsmae.model import TCSMAE
+
+CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+LOSS_KEYS = ("loss", "loss_ssim", "loss_con", "temperature")
+
+
+def tiny_config(**changes) -> TrainConfig:
+    cfg = preset("demo")
+    cfg = replace(cfg, pipeline=replace(cfg.pipeline, size=64), batch_size=4, steps_per_epoch=3,
+                  epochs=2, checkpoint_every=2, image_every=0, lr=1e-3)
+    return replace(cfg, **changes)
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_from_one_epoch_repeats_the_two_epoch_run(tmp_path):
+    torch.set_num_threads(1)  # identical reduction order in both runs
+    cfg = tiny_config(image_every=2)
+    source = SyntheticBatches(4, 64, steps_per_epoch=5, seed=1)
+    straight = pretrain(cfg, source, tmp_path / "a", CPU)
+    pretrain(replace(cfg, epochs=1), source, tmp_path / "b", CPU)
+    ckpt = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
+    assert ckpt["data_position"] == {"epoch": 1, "step": 0} and ckpt["step"] == 3
+    resumed = pretrain(cfg, source, tmp_path / "b", CPU, resume=ckpt)
+    assert len(straight.history) == 6 and len(resumed.history) == 3
+    for want, got in zip(straight.history[3:], resumed.history):
+        for key in LOSS_KEYS:
+            assert got[key] == want[key], key  # bit-identical on the CPU
+    a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    assert [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]  # resumed run appends, global steps
+    assert [m["loss"] for m in a] == [m["loss"] for m in b]
+    assert b[3]["lr"] == pytest.approx(1e-3 * 0.96) and b[2]["lr"] == pytest.approx(1e-3)
+    for key in ("epoch", "loss_ssim", "loss_con", "temperature", "pairs_per_s"):
+        assert key in b[0]
+    assert (tmp_path / "b" / "config.json").is_file()
+    assert any((tmp_path / "a" / "tensorboard").iterdir())
+
+
+def test_resume_mid_epoch_continues_the_data_position(tmp_path):
+    torch.set_num_threads(1)
+    cfg = tiny_config(epochs=1, steps_per_epoch=4, checkpoint_every=2)
+    source = SyntheticBatches(4, 64, steps_per_epoch=4, seed=2)
+    straight = pretrain(cfg, source, tmp_path / "a", CPU)
+
+    class Crash(SyntheticBatches):
+        def __call__(self, epoch, start_step):
+            for i, batch in enumerate(super().__call__(epoch, start_step)):
+                if start_step + i == 3:
+                    raise KeyboardInterrupt  # dies after the checkpoint at step 2
+                yield batch
+
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg, Crash(4, 64, steps_per_epoch=4, seed=2), tmp_path / "b", CPU)
+    ckpt = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
+    assert ckpt["data_position"] == {"epoch": 0, "step": 2}
+    resumed = pretrain(cfg, source, tmp_path / "b", CPU, resume=ckpt)
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history[2:]]
+    assert [m["step"] for m in metrics(tmp_path / "b")] == [1, 2, 3, 4]  # step 3 logged once
+
+
+def test_short_training_lowers_the_loss(tmp_path):
+    cfg = tiny_config(epochs=6, steps_per_epoch=4, checkpoint_every=0, lr=2e-3)
+    pos = pretrain(cfg, SyntheticBatches(4, 64, steps_per_epoch=4, seed=3), tmp_path, CPU)
+    losses = [h["loss"] for h in pos.history]
+    ssim = [h["loss_ssim"] for h in pos.history]
+    assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4
+    assert sum(ssim[-4:]) < sum(ssim[:4])
+
+
+def test_checkpoint_is_weights_only_and_export_loads_into_smp(tmp_path):
+    cfg = tiny_config(epochs=1, steps_per_epoch=2)
+    pretrain(cfg, SyntheticBatches(4, 64, steps_per_epoch=2), tmp_path / "run", CPU,
+             pretraining_cases={"salt": "ab", "series_digests": ["x"], "patient_digests": ["y"]})
+    path = tmp_path / "run" / "checkpoints" / "last.pt"
+    raw = torch.load(path, weights_only=True)  # plain containers only
+    for key in ("model", "optimizer", "scheduler", "scaler", "temperature", "epoch", "step",
+                "data_position", "rng", "config", "input_size"):
+        assert key in raw
+    assert raw["config"]["model"]["encoder"] == "mit_b0" and raw["input_size"] == 64
+
+    weights, meta_path = export(path, tmp_path / "weights.pt")
+    meta = json.loads(meta_path.read_text())
+    assert meta_path.name == "weights.json"
+    assert meta["encoder"] == "mit_b0" and meta["activation"] == "sigmoid" and meta["input_size"] == 64
+    assert meta["channels"] == ["lung", "mediastinal", "edge"] and meta["K"] == 8 and meta["rho"] == 0.75
+    assert meta["pretraining_cases"]["salt"] == "ab"
+    assert meta["versions"]["torch"] == torch.__version__
+    unet = smp.Unet(encoder_name=meta["encoder"], encoder_weights=None, in_channels=3, classes=3)
+    unet.load_state_dict(torch.load(weights, weights_only=True), strict=True)
+
+    core = TCSMAE(cfg.model, 64, cfg.loss)
+    core.load_state_dict(raw["model"])
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.sigmoid(unet.eval()(x)), core.eval().reconstruct(x), atol=0, rtol=0)
+
+    with pytest.raises(UserError, match="trained at 64x64"):
+        check_resume_compatible(raw, path, input_size=128, encoder="mit_b0")
+    with pytest.raises(UserError, match="encoder"):
+        check_resume_compatible(raw, path, input_size=64, encoder="mit_b1")
+
+
+def test_non_finite_losses_skip_steps_then_abort(tmp_path):
+    class Poisoned(SyntheticBatches):
+        def batch(self, epoch, step):
+            b = super().batch(epoch, step)
+            b["original"][0, 0, 0, 0] = float("nan")
+            return b
+
+    cfg = tiny_config(epochs=1, steps_per_epoch=4, max_nonfinite=3, checkpoint_every=0)
+    setup = build_training(cfg, CPU)
+    before = {k: v.clone() for k, v in setup.core.state_dict().items()}
+    with pytest.raises(UserError, match="3 non-finite losses in a row"):
+        pretrain(cfg, Poisoned(4, 64, steps_per_epoch=4), tmp_path, CPU, setup=setup)
+    lines = metrics(tmp_path)
+    assert len(lines) == 3 and all(m["skipped"] and m["loss"] is None for m in lines)
+    assert lines[0]["slices"] == [[0, 0], [1, 1], [2, 2], [3, 3]]  # (case_index, z) of the batch
+    after = setup.core.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())  # weights and BN statistics
