@@ -242,10 +242,13 @@ def case_arrays(src: NiftiSource) -> tuple[np.ndarray, np.ndarray | None, dict]:
         "source_sha256": source_digest(src),
         "warnings": warnings,
         "source_format": "nifti",
-        "source_files": [str(p) for p in ([src.image] + ([src.labels] if src.labels else [])
-                                          + ([src.mask_folder] if src.mask_folder else []))],
+        "source_files": len(src.files()),
+        "source_first_file": str(src.image),
     })
+    if src.labels is not None:
+        attrs["labels_source"] = str(src.labels)
     if src.mask_folder is not None:
+        attrs["labels_source"] = str(src.mask_folder)
         attrs["label_table"] = "totalsegmentator-total"
     return hu, labels, attrs
 
