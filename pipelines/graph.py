@@ -5,17 +5,21 @@ style of DALI's own examples); a thin `@pipeline_def` elsewhere adds the source
 (loader.py for the Zarr store, bench.py for in-memory batches). `device_id=None` builds the
 CPU path, an integer the GPU path:
 
-    step                      CPU path                             GPU path
-    [augment] affine warp     fn.warp_affine (native)              fn.warp_affine (native)
-    windows + Sobel edges     window_edges_numpy, batched,         window_edges_cupy (fused
-                              split over threads (python_function)  kernel, python_function)
-    resize to size x size     fn.resize, antialiased (native)      fn.resize (native)
-    mask, I_m = M * I_o       *_mask_apply_numpy                   *_mask_apply_cupy
+    step                      CPU path (one python_function,        GPU path
+                              batch split over threads)
+    [augment] affine warp     fn.warp_affine (native)               fn.warp_affine (native)
+    windows + Sobel edges     kernels.window_edges_numpy            window_edges_cupy (fused)
+    resize to size x size     torch antialiased bilinear            fn.resize (native)
+                              (= the reference)
+    mask, I_m = M * I_o       *_mask_apply_numpy                    *_mask_apply_cupy
+    labels (fine-tuning)      fn.resize INTERP_NN (native)          fn.resize INTERP_NN
 
-DALI's native CPU arithmetic measured about half the speed of a plain NumPy DataLoader on
-2 cores, so the CPU path runs the batched NumPy twins (NumPy releases the GIL, so a chunk
-per thread runs in parallel) and keeps DALI's C++ resize. Randomness is never drawn here:
-`draw` comes from the source (masking.py).
+Why: DALI's native CPU arithmetic measured about half the speed of a plain NumPy
+DataLoader on 2 cores, and DALI's CPU resize of the 4-channel 512 -> 256 stack ran ~3.7x
+slower than torch's; NumPy and torch release the GIL, so one chunk of the batch per thread
+runs in parallel. DALI's resize (GPU) equals torch's to ~1e-7 except in the outermost
+output pixel ring, where it replicates the border instead of renormalising the filter.
+Randomness is never drawn here: `draw` comes from the source (masking.py).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import numpy as np
 
 from . import kernels
 from .config import PipelineConfig
+from .resize import resize_bilinear
 
 
 def _group_by_shape(samples: list) -> dict[tuple, list[int]]:
@@ -102,9 +107,9 @@ class _BatchStep:
 
 
 class WindowEdges(_BatchStep):
-    """python_function: list of (Y, X) HU -> list of (4, Y, X) float32 (kernels.window_edges_*)."""
+    """GPU python_function: list of (Y, X) HU -> list of (4, Y, X) float32 (window_edges_cupy)."""
 
-    def __init__(self, cfg: PipelineConfig, gpu: bool, threads: int = 1):
+    def __init__(self, cfg: PipelineConfig, gpu: bool = True, threads: int = 1):
         super().__init__(gpu, threads)
         self.args = (cfg.lung_window, cfg.mediastinal_window, cfg.edge_scaling, cfg.edge_clip)
 
@@ -124,15 +129,28 @@ class WindowEdges(_BatchStep):
 
 
 class ApplyMask(_BatchStep):
-    """python_function: lists of (4, H, W) stacks and draws -> original, masked, mask lists."""
+    """python_function: (4, H, W) stacks and draws -> original, masked, mask (lists).
 
-    def __init__(self, cfg: PipelineConfig, gpu: bool, threads: int = 1):
+    With `whole_transform=True` (CPU path) the inputs are (Y, X) HU slices instead, and the
+    whole transform (window_edges_numpy, torch resize, mask) runs per chunk of the batch.
+    """
+
+    def __init__(self, cfg: PipelineConfig, gpu: bool, threads: int = 1,
+                 whole_transform: bool = False):
         super().__init__(gpu, threads)
         self.patch = cfg.masking == "patch"
         self.patch_size = cfg.patch_size
         self.hu_range = cfg.hu_range
+        self.size = cfg.size
+        self.whole_transform = whole_transform
+        self.window_args = (cfg.lung_window, cfg.mediastinal_window, cfg.edge_scaling,
+                            cfg.edge_clip)
 
     def _run(self, stack, draw):
+        if self.whole_transform:
+            stack = kernels.window_edges_numpy(stack, *self.window_args)
+            if self.size > 0:
+                stack = resize_bilinear(stack, self.size)
         if self.patch:
             f = kernels.patch_mask_apply_cupy if self.gpu else kernels.patch_mask_apply_numpy
             return f(stack, draw, self.patch_size)
@@ -142,10 +160,9 @@ class ApplyMask(_BatchStep):
     def __call__(self, stacks: list, draws: list) -> tuple[list, list, list]:
         n = len(stacks)
         outs: tuple[list, list, list] = ([None] * n, [None] * n, [None] * n)
-        keys = [(tuple(s.shape), tuple(d.shape)) for s, d in zip(stacks, draws)]
         groups: dict[tuple, list[int]] = {}
-        for i, key in enumerate(keys):
-            groups.setdefault(key, []).append(i)
+        for i, (s, d) in enumerate(zip(stacks, draws)):
+            groups.setdefault((tuple(s.shape), str(s.dtype), tuple(d.shape)), []).append(i)
         for idx in groups.values():
             stack = self._stack([stacks[i] for i in idx])
             if self.gpu:
@@ -196,14 +213,21 @@ def processing_graph(hu, draw, cfg: PipelineConfig, device_id: int | None = None
             label = fn.warp_affine(label, affine, fill_value=0, interp_type=types.INTERP_NN)
             label = fn.squeeze(label, axes=[2])
 
-    stack = fn.python_function(hu, function=WindowEdges(cfg, gpu, cpu_threads),
-                               batch_processing=True, device=device, output_layouts="CHW")
-    if cfg.size > 0:
-        stack = fn.resize(stack, size=[cfg.size, cfg.size], interp_type=types.INTERP_LINEAR,
-                          antialias=True, dtype=types.FLOAT, device=device)
-    original, masked, mask = fn.python_function(
-        stack, draw, function=ApplyMask(cfg, gpu, cpu_threads), num_outputs=3,
-        batch_processing=True, device=device, output_layouts=["CHW", "CHW", "CHW"])
+    if gpu:
+        stack = fn.python_function(hu, function=WindowEdges(cfg), batch_processing=True,
+                                   device=device, output_layouts="CHW")
+        if cfg.size > 0:
+            stack = fn.resize(stack, size=[cfg.size, cfg.size], interp_type=types.INTERP_LINEAR,
+                              antialias=True, dtype=types.FLOAT, device=device)
+        original, masked, mask = fn.python_function(
+            stack, draw, function=ApplyMask(cfg, gpu=True), num_outputs=3,
+            batch_processing=True, device=device, output_layouts=["CHW", "CHW", "CHW"])
+    else:
+        original, masked, mask = fn.python_function(
+            hu, draw, function=ApplyMask(cfg, gpu=False, threads=cpu_threads,
+                                         whole_transform=True),
+            num_outputs=3, batch_processing=True, device=device,
+            output_layouts=["CHW", "CHW", "CHW"])
     out = {"original": original, "masked": masked, "mask": mask}
     if label is not None:
         label = fn.expand_dims(label, axes=[0], new_axis_names="C")       # (1, Y, X) CHW

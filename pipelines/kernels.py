@@ -31,44 +31,72 @@ _SCALINGS = {"clip": 0, "divide": 1}
 
 
 # --------------------------------------------------------------------------- NumPy twins
-def _sobel_magnitude_batch(img: np.ndarray) -> np.ndarray:
-    """img (B, Y, X) float32 -> (B, Y, X) float32 Sobel magnitude, numpy-'reflect' border.
-
-    Separable form of the 3x3 correlation: Gx = [1 2 1]^T (x) [-1 0 1], Gy = its transpose.
-    """
-    p = np.pad(img, ((0, 0), (1, 1), (1, 1)), mode="reflect")   # (B, Y+2, X+2)
-    dx = p[:, :, 2:] - p[:, :, :-2]                             # (B, Y+2, X)
-    gx = dx[:, :-2] + dx[:, 2:]
-    gx += 2.0 * dx[:, 1:-1]                                     # (B, Y, X)
-    sy = p[:, :, :-2] + p[:, :, 2:]
-    sy += 2.0 * p[:, :, 1:-1]                                   # (B, Y+2, X)
-    gy = sy[:, 2:] - sy[:, :-2]                                 # (B, Y, X)
-    gx *= gx
-    gy *= gy
-    gx += gy
-    return np.sqrt(gx, out=gx)
+def _reflect_pad(hu: np.ndarray, padded: np.ndarray) -> None:
+    """numpy-'reflect' pad by 1: hu (Y, X) -> padded (Y+2, X+2) (rows, then columns)."""
+    h, w = hu.shape
+    padded[1:-1, 1:-1] = hu
+    padded[0] = padded[2] if h > 1 else padded[1]
+    padded[-1] = padded[-3] if h > 1 else padded[1]
+    padded[:, 0] = padded[:, 2] if w > 1 else padded[:, 1]
+    padded[:, -1] = padded[:, -3] if w > 1 else padded[:, 1]
 
 
 def window_edges_numpy(hu: np.ndarray, lung: tuple[float, float],
                        mediastinal: tuple[float, float], scaling: str, clip: float
                        ) -> np.ndarray:
-    """NumPy twin. hu (N, Y, X) float32|int16 HU -> (N, 4, Y, X) float32 (see module doc)."""
-    hu = np.asarray(hu, dtype=np.float32)
+    """NumPy twin. hu (N, Y, X) float32|int16 HU -> (N, 4, Y, X) float32 (see module doc).
+
+    Per slice (a batch of temporaries would not fit in the caches), on the flattened padded
+    image so that every step is a contiguous 1-D operation (strided 2-D views run several
+    times slower): with W2 = X + 2, pixel (y, x) of the padded image is element y*W2 + x,
+    and the 3x3 neighbourhood of output pixel (y, x) starts at element y*W2 + x. Outputs are
+    computed on a (Y, W2) grid whose last two columns are discarded. Sobel in separable
+    form: Gx = [1 2 1]^T (x) [-1 0 1], Gy = its transpose. Windowing commutes with the
+    padding (pointwise), so the windows of the padded HU are the padded windows.
+    """
     n, h, w = hu.shape
+    w2 = w + 2
+    size = (h + 2) * w2
+    m = h * w2                                             # outputs on the (Y, W2) grid
     out = np.empty((n, 4, h, w), dtype=np.float32)
-    for c, (level, width) in enumerate((lung, mediastinal)):
-        np.subtract(hu, np.float32(level - width / 2.0), out=out[:, c])
-        np.divide(out[:, c], np.float32(width), out=out[:, c])
-        np.clip(out[:, c], np.float32(0.0), np.float32(1.0), out=out[:, c])
-    mag = _sobel_magnitude_batch(out[:, :2].reshape(2 * n, h, w)).reshape(n, 2, h, w)
-    np.maximum(mag[:, 0], mag[:, 1], out=out[:, 2])
-    if scaling == "clip":
-        np.minimum(out[:, 2], np.float32(clip), out=out[:, 2])
-    elif scaling == "divide":
-        np.divide(out[:, 2], np.float32(SOBEL_MAX), out=out[:, 2])
-    else:
-        raise ValueError(f"unknown edge scaling {scaling!r}")
-    out[:, 3] = hu
+    lows = np.array([lung[0] - lung[1] / 2.0, mediastinal[0] - mediastinal[1] / 2.0],
+                    dtype=np.float32)[:, None]
+    widths = np.array([lung[1], mediastinal[1]], dtype=np.float32)[:, None]
+    hu_pad = np.empty((h + 2, w2), dtype=np.float32)
+    win = np.empty((2, size), dtype=np.float32)            # both windows, padded, flat
+    # two spare zeros at the end: the last row's discarded columns read past the image
+    dx = np.zeros((2, size), dtype=np.float32)
+    sy = np.zeros((2, size), dtype=np.float32)
+    gx = np.empty((2, m), dtype=np.float32)
+    gy = np.empty((2, m), dtype=np.float32)
+    for i in range(n):
+        _reflect_pad(hu[i], hu_pad)
+        np.subtract(hu_pad.reshape(1, size), lows, out=win)
+        np.divide(win, widths, out=win)
+        np.clip(win, np.float32(0.0), np.float32(1.0), out=win)
+        np.subtract(win[:, 2:], win[:, :-2], out=dx[:, :-2])             # d/dx at column x+1
+        np.add(dx[:, :m], dx[:, 2 * w2:2 * w2 + m], out=gx)
+        gx += dx[:, w2:w2 + m]
+        gx += dx[:, w2:w2 + m]
+        np.add(win[:, :-2], win[:, 2:], out=sy[:, :-2])                  # [1 2 1] along x
+        sy[:, :-2] += win[:, 1:-1]
+        sy[:, :-2] += win[:, 1:-1]
+        np.subtract(sy[:, 2 * w2:2 * w2 + m], sy[:, :m], out=gy)   # d/dy at row y+1
+        np.multiply(gx, gx, out=gx)
+        np.multiply(gy, gy, out=gy)
+        np.add(gx, gy, out=gx)
+        np.sqrt(gx, out=gx)
+        edge = np.maximum(gx[0], gx[1], out=gy[0])
+        if scaling == "clip":
+            np.minimum(edge, np.float32(clip), out=edge)
+        elif scaling == "divide":
+            np.divide(edge, np.float32(SOBEL_MAX), out=edge)
+        else:
+            raise ValueError(f"unknown edge scaling {scaling!r}")
+        o = out[i]
+        o[:2] = win.reshape(2, h + 2, w2)[:, 1:-1, 1:-1]
+        o[2] = edge.reshape(h, w2)[:, :w]
+        o[3] = hu_pad[1:-1, 1:-1]
     return out
 
 

@@ -29,20 +29,21 @@ def pad_to_square(image: np.ndarray, fill: float) -> np.ndarray:
 
 
 def resize_bilinear(image: np.ndarray, size: int) -> np.ndarray:
-    """Antialiased bilinear resize (torch reference).
+    """Antialiased bilinear resize (torch reference; also what the CPU path runs).
 
-    image: (C, Y, X) or (Y, X) float32. Returns (C, size, size) or (size, size) float32.
+    image: (N, C, Y, X), (C, Y, X) or (Y, X) float32 -> same leading axes, (size, size)
+    spatial, float32.
     """
     import torch
     import torch.nn.functional as F
 
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
-    squeeze = x.ndim == 2
-    x = x[None, None] if squeeze else x[None]
+    lead = x.shape[:-2]
+    x = x.reshape((-1, 1) + tuple(x.shape[-2:])) if x.ndim == 2 else x
+    x = x[None] if x.ndim == 3 else x
     out = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
                         align_corners=False)
-    out = out[0, 0] if squeeze else out[0]
-    return out.numpy()
+    return out.reshape(tuple(lead) + (size, size)).numpy()
 
 
 def resize_nearest(label: np.ndarray, size: int) -> np.ndarray:
