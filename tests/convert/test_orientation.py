@@ -166,3 +166,23 @@ def test_geometry_attrs_round_trip():
     _, geom = nifti_to_store_grid(_image(LAYOUTS["PSR"]))
     again = Geometry.from_attrs(geom.to_attrs())
     assert again == geom
+
+
+def test_real_dicom_label_map_agrees_with_the_dicom_converters_alignment(shared_data, tmp_path):
+    """Two independent paths put the real NIfTI label map (LAS) on the real DICOM grid:
+    the DICOM converter (through both affines) and nifti_to_store_grid. They must agree
+    voxel for voxel, and the geometries must describe the same grid."""
+    from tcsmae.cli import main as cli
+    from tcsmae.convert.store import open_store
+
+    seg_path = shared_data / "totalseg-dicom-series-seg.nii.gz"
+    out = tmp_path / "real.zarr"
+    assert cli(["convert", str(shared_data / "totalseg-dicom-series"), "--labels", str(seg_path), "-o", str(out),
+                "--workers", "1"]) == 0
+    store = open_store(out)
+    (cid,) = store.case_ids
+    lab, geom = nifti_to_store_grid(nib.load(seg_path))
+    np.testing.assert_array_equal(lab, store.label(cid)[...])
+    dicom_geom = Geometry.from_attrs(store.case_attrs(cid))
+    assert grid_mismatch(lab.shape, geom, store.image(cid).shape, dicom_geom) is None
+    np.testing.assert_allclose(geom.z_positions_mm, dicom_geom.z_positions_mm, atol=1e-3)
