@@ -113,15 +113,16 @@ class PhantomConfig:
 class PhantomCase:
     """One synthetic case on its DICOM grid.
 
-    hu: (Z, Y, X) int16, Hounsfield units, Z ascending inferior -> superior.
-    labels: (Z, Y, X) uint8, ids of PHANTOM_LABELS.
+    hu: (Z, Y, X) int16, Hounsfield units, Z ascending inferior -> superior (None in the
+        summaries returned by write_phantom, which do not keep the arrays).
+    labels: (Z, Y, X) uint8, ids of PHANTOM_LABELS (None likewise).
     origin_mm: LPS [x, y, z] of voxel [0, 0, 0]; spacing_mm [z, y, x].
     """
 
     case_id: str
     patient_id: str
-    hu: np.ndarray
-    labels: np.ndarray
+    hu: np.ndarray | None
+    labels: np.ndarray | None
     origin_mm: tuple[float, float, float]
     spacing_mm: tuple[float, float, float]
     contrast_hu: float
@@ -453,9 +454,11 @@ def label_nifti(case: PhantomCase):
 
 
 def write_phantom(cfg: PhantomConfig, out: Path, overwrite: bool = False, progress: bool = True) -> list[PhantomCase]:
-    """Write cfg.cases cases under `out` (see the module docstring); returns the cases' summaries
-    (their arrays included). Each case folder appears atomically (temp folder + rename);
-    manifest.csv is written last."""
+    """Write cfg.cases cases under `out` (see the module docstring); returns the cases'
+    summaries without their arrays (make_case(cfg, i) gives them again, identically).
+    Each case folder appears atomically (temp folder + rename); manifest.csv is written last."""
+    import dataclasses
+
     import nibabel as nib
     from tqdm import tqdm
 
@@ -487,7 +490,7 @@ def write_phantom(cfg: PhantomConfig, out: Path, overwrite: bool = False, progre
         os.replace(tmp_label, label_path)
         rows.append({"source": f"dicom/{case.case_id}", "labels": f"labels/{case.case_id}.nii.gz",
                      "case_id": case.case_id, "patient_id": case.patient_id})
-        cases.append(case)
+        cases.append(dataclasses.replace(case, hu=None, labels=None))
     tmp_manifest = out / ".manifest.csv.tmp"
     with open(tmp_manifest, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["source", "labels", "case_id", "patient_id"])
@@ -517,7 +520,7 @@ def run(args) -> int:
     cases = write_phantom(cfg, args.out, overwrite=args.overwrite)
     print(f"{'case':<14}{'patient':<18}{'slices':>7}{'size':>10}{'contrast':>10}{'lesions':>9}{'masses':>8}")
     for c in cases:
-        print(f"{c.case_id:<14}{c.patient_id:<18}{c.hu.shape[0]:>7}{c.hu.shape[1]:>5}x{c.hu.shape[2]:<4}"
+        print(f"{c.case_id:<14}{c.patient_id:<18}{cfg.slices:>7}{cfg.size:>5}x{cfg.size:<4}"
               f"{c.contrast_hu:>10.0f}{c.n_lesions:>9}{c.n_masses:>8}")
     print(f"wrote {len(cases)} series to {args.out / 'dicom'}, labels to {args.out / 'labels'}, "
           f"manifest {args.out / 'manifest.csv'}")

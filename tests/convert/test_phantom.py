@@ -94,7 +94,10 @@ def test_noise_level():
 
 
 def test_dicom_series_geometry_and_pixels(tmp_path):
-    cases = write_phantom(SMALL, tmp_path, progress=False)
+    summaries = write_phantom(SMALL, tmp_path, progress=False)
+    assert summaries[0].hu is None  # summaries do not keep the volumes
+    cases = [make_case(SMALL, i) for i in range(SMALL.cases)]
+    assert [c.case_id for c in summaries] == [c.case_id for c in cases]
     series_uids = set()
     for case in cases:
         files = sorted((tmp_path / "dicom" / case.case_id).glob("*.dcm"))
@@ -121,8 +124,8 @@ def test_dicom_series_geometry_and_pixels(tmp_path):
 
 
 def test_label_nifti_is_ras_and_on_the_dicom_grid(tmp_path):
-    cases = write_phantom(SMALL, tmp_path, progress=False)
-    for case in cases:
+    write_phantom(SMALL, tmp_path, progress=False)
+    for case in (make_case(SMALL, i) for i in range(SMALL.cases)):
         img = nib.load(tmp_path / "labels" / f"{case.case_id}.nii.gz")
         assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
         assert img.get_data_dtype() == np.uint8
