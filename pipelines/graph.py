@@ -136,8 +136,9 @@ class ApplyMask(_BatchStep):
     """
 
     def __init__(self, cfg: PipelineConfig, gpu: bool, threads: int = 1,
-                 whole_transform: bool = False):
+                 whole_transform: bool = False, with_hu: bool = False):
         super().__init__(gpu, threads)
+        self.with_hu = with_hu
         self.patch = cfg.masking == "patch"
         self.patch_size = cfg.patch_size
         self.hu_range = cfg.hu_range
@@ -153,13 +154,16 @@ class ApplyMask(_BatchStep):
                 stack = resize_bilinear(stack, self.size)
         if self.patch:
             f = kernels.patch_mask_apply_cupy if self.gpu else kernels.patch_mask_apply_numpy
-            return f(stack, draw, self.patch_size)
-        f = kernels.tissue_mask_apply_cupy if self.gpu else kernels.tissue_mask_apply_numpy
-        return f(stack, draw, *self.hu_range)
+            out = f(stack, draw, self.patch_size)
+        else:
+            f = kernels.tissue_mask_apply_cupy if self.gpu else kernels.tissue_mask_apply_numpy
+            out = f(stack, draw, *self.hu_range)
+        return out + (stack[:, 3:4].copy(),) if self.with_hu else out
 
-    def __call__(self, stacks: list, draws: list) -> tuple[list, list, list]:
+    def __call__(self, stacks: list, draws: list) -> tuple[list, ...]:
         n = len(stacks)
-        outs: tuple[list, list, list] = ([None] * n, [None] * n, [None] * n)
+        n_out = 4 if self.with_hu else 3
+        outs = tuple([None] * n for _ in range(n_out))
         groups: dict[tuple, list[int]] = {}
         for i, (s, d) in enumerate(zip(stacks, draws)):
             groups.setdefault((tuple(s.shape), str(s.dtype), tuple(d.shape)), []).append(i)
@@ -172,14 +176,15 @@ class ApplyMask(_BatchStep):
             else:
                 draw = np.stack([draws[i] for i in idx])
             parts = self._map_chunks(self._run, stack, draw)
-            for o, arr in zip(outs, (self._concat([p[k] for p in parts]) for k in range(3))):
+            for o, arr in zip(outs, (self._concat([p[k] for p in parts]) for k in range(n_out))):
                 for j, i in enumerate(idx):
                     o[i] = arr[j]
         return outs
 
 
 def processing_graph(hu, draw, cfg: PipelineConfig, device_id: int | None = None,
-                     affine=None, label=None, cpu_threads: int = 1) -> dict:
+                     affine=None, label=None, cpu_threads: int = 1, with_hu: bool = False
+                     ) -> dict:
     """Build the transform on DALI nodes.
 
     hu: node of (Y, X) float32|int16 HU, layout "HW" (already padded to a square when
@@ -189,6 +194,7 @@ def processing_graph(hu, draw, cfg: PipelineConfig, device_id: int | None = None
         takes no int32).
     device_id: None -> CPU path; an int -> GPU path (outputs in GPU memory).
     cpu_threads: threads the NumPy twins split a batch over (CPU path).
+    with_hu: also return "hu", (1, H, W) float32 HU on the output grid (preview, tests).
     Returns {"original": (3, H, W), "masked": (3, H, W), "mask": (1, H, W) float32 nodes,
     and "label": (1, H, W) int16 when given}.
     """
@@ -219,16 +225,17 @@ def processing_graph(hu, draw, cfg: PipelineConfig, device_id: int | None = None
         if cfg.size > 0:
             stack = fn.resize(stack, size=[cfg.size, cfg.size], interp_type=types.INTERP_LINEAR,
                               antialias=True, dtype=types.FLOAT, device=device)
-        original, masked, mask = fn.python_function(
-            stack, draw, function=ApplyMask(cfg, gpu=True), num_outputs=3,
-            batch_processing=True, device=device, output_layouts=["CHW", "CHW", "CHW"])
+        step = ApplyMask(cfg, gpu=True, with_hu=with_hu)
+        inputs = (stack, draw)
     else:
-        original, masked, mask = fn.python_function(
-            hu, draw, function=ApplyMask(cfg, gpu=False, threads=cpu_threads,
-                                         whole_transform=True),
-            num_outputs=3, batch_processing=True, device=device,
-            output_layouts=["CHW", "CHW", "CHW"])
-    out = {"original": original, "masked": masked, "mask": mask}
+        step = ApplyMask(cfg, gpu=False, threads=cpu_threads, whole_transform=True,
+                         with_hu=with_hu)
+        inputs = (hu, draw)
+    n_out = 4 if with_hu else 3
+    nodes = fn.python_function(*inputs, function=step, num_outputs=n_out,
+                               batch_processing=True, device=device,
+                               output_layouts=["CHW"] * n_out)
+    out = dict(zip(("original", "masked", "mask", "hu"), nodes))
     if label is not None:
         label = fn.expand_dims(label, axes=[0], new_axis_names="C")       # (1, Y, X) CHW
         if cfg.size > 0:

@@ -59,7 +59,7 @@ def build_pipeline(source, cfg: PipelineConfig, batch_size: int, device_id: int 
         node = dict(zip(names, nodes))
         graph = processing_graph(node["hu"], node["draw"], cfg, device_id,
                                  affine=node.get("affine"), label=node.get("label"),
-                                 cpu_threads=num_threads)
+                                 cpu_threads=num_threads, with_hu="hu" in outputs)
         result = [graph[o] for o in outputs] + [node["case_index"], node["z"]]
         if "label" in graph:
             result.append(graph["label"])
