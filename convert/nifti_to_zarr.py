@@ -44,6 +44,8 @@ HELP = "convert NIfTI CT volumes (and label maps, or TotalSegmentator case folde
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 TOTALSEG_IMAGE = "ct.nii.gz"
 TOTALSEG_MASKS = "segmentations"
+NONFINITE_HU = -1024.0
+"""HU given to NaN/inf voxels of a float NIfTI (air, as for DICOM padding)."""
 
 
 @lru_cache(maxsize=1)
@@ -225,6 +227,11 @@ def case_arrays(src: NiftiSource) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """Read one case: (hu (Z, Y, X), labels (Z, Y, X) or None, store attributes)."""
     hu, geom = read_image(src.image)
     warnings = list(geom.warnings)
+    if hu.dtype.kind == "f":
+        bad = ~np.isfinite(hu)
+        if bad.any():  # NaN/inf would poison every window and loss downstream
+            hu[bad] = NONFINITE_HU
+            warnings.append(f"{int(bad.sum())} non-finite voxels (NaN/inf) in {src.image.name} set to {NONFINITE_HU:g} HU")
     labels = None
     if src.labels is not None:
         labels = read_label_map(src.labels, hu.shape, geom)

@@ -177,7 +177,7 @@ def nifti_to_store_grid(img, scaled: bool = True) -> tuple[np.ndarray, Geometry]
     affine = np.asarray(img.affine, dtype=np.float64)
 
     transform = ornt_transform(io_orientation(affine), axcodes2ornt(STORE_AXCODES))
-    out = np.ascontiguousarray(apply_orientation(data, transform))
+    out = np.array(apply_orientation(data, transform), order="C", copy=True)  # owns its memory (no memmap)
     new_affine_ras = affine @ inv_ornt_aff(transform, shape)
     aff_lps = _RAS_TO_LPS @ new_affine_ras
 

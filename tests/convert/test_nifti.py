@@ -228,3 +228,17 @@ def test_runs_as_a_script(tmp_path):
                            "-o", str(out), "--no-progress"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert open_store(out).case_ids == ["vol"]
+
+
+def test_non_finite_voxels_become_air_with_a_warning(tmp_path):
+    data = np.full((4, 4, 3), 12.5, np.float32)
+    data[1, 2, 0] = np.nan
+    data[0, 0, 1] = np.inf
+    _write(tmp_path / "nan.nii", data, np.eye(4))  # uncompressed: nibabel may memory-map it
+    out = tmp_path / "n.zarr"
+    assert cli(["convert-nifti", str(tmp_path / "nan.nii"), "-o", str(out), "--no-progress"]) == 0
+    store = open_store(out)
+    hu = store.image("nan")[...]
+    assert hu.dtype == np.float32 and np.isfinite(hu).all()
+    assert np.count_nonzero(hu == -1024.0) == 2 and np.count_nonzero(hu == 12.5) == hu.size - 2
+    assert any("2 non-finite voxels" in w for w in store.case_attrs("nan")["warnings"])
