@@ -69,6 +69,8 @@ PHANTOM_LABELS: dict[int, str] = {
 }
 LABEL_IDS: dict[str, int] = {name: i for i, name in PHANTOM_LABELS.items()}
 
+GENERATOR_VERSION = 1
+"""Bumped whenever the drawn anatomy changes, so caches keyed on it (bench) are rebuilt."""
 FOV_MM = 358.4  # 512 px * 0.7 mm
 RESCALE_INTERCEPT = -1024
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -416,6 +418,7 @@ def write_dicom_series(case: PhantomCase, folder: Path, seed: int, index: int) -
         ds.StudyID = "1"
         ds.Modality = "CT"
         ds.Manufacturer = "tcsmae phantom"
+        ds.ManufacturerModelName = f"phantom v{GENERATOR_VERSION}"
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.SeriesNumber = 1
         ds.AcquisitionNumber = 1
