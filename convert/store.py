@@ -97,7 +97,10 @@ def _compressors(codec: str):
     if codec == "lz4":
         import warnings
 
-        from numcodecs.zarr3 import LZ4
+        try:
+            from zarr.codecs.numcodecs import LZ4
+        except ImportError:  # zarr < 3.1
+            from numcodecs.zarr3 import LZ4
 
         with warnings.catch_warnings():  # "not in the Zarr v3 spec": known, recorded in attrs
             warnings.simplefilter("ignore")
@@ -135,8 +138,8 @@ def write_case_arrays(
 
     hu: (Z, Y, X) any real dtype, Hounsfield units; stored as int16 when exact, else float32.
     attrs: per-array attributes (spacing_mm, origin_mm, direction, z_positions_mm, patient_id,
-        study_uid, series_uid, source_sha256, warnings, ...); `codec`, `dtype_reason` and
-        `content_sha256` are added here.
+        study_uid, series_uid, source_sha256, warnings, ...); `codec` and `content_sha256`
+        are added here.
     labels: (Z, Y, X) integer label map on the same grid, or None.
     Returns body_fraction(hu): (Z,) float32.
     """
