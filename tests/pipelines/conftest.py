@@ -1,41 +1,9 @@
-"""Fixtures of the pipeline tests: tiny stores built with the real StoreWriter."""
+"""Fixtures of the pipeline tests: tiny stores built with the real StoreWriter, real slices."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-
-from tcsmae.convert.store import StoreWriter
-
-ATTRS = {"spacing_mm": [2.0, 1.0, 1.0], "origin_mm": [0.0, 0.0, 0.0],
-         "direction": [[1, 0, 0], [0, 1, 0], [0, 0, 1]], "patient_id": "p",
-         "study_uid": "1", "series_uid": "1", "warnings": []}
-
-
-def random_ct(rng: np.random.Generator, shape: tuple[int, int, int], integer: bool
-              ) -> np.ndarray:
-    """A blocky HU volume spanning air to bone (so every tissue interval occurs)."""
-    z, y, x = shape
-    coarse = rng.uniform(-1100, 700, (z, (y + 3) // 4, (x + 3) // 4))
-    hu = np.repeat(np.repeat(coarse, 4, axis=1), 4, axis=2)[:, :y, :x]
-    hu = hu + rng.normal(0, 20, hu.shape)
-    hu[:, :2] = -1024.0                        # some air rows
-    return np.round(hu).astype(np.int16) if integer else hu.astype(np.float32)
-
-
-def make_store(path, cases: dict[str, tuple[tuple[int, int, int], bool]], seed: int = 0,
-               labels: bool = False):
-    """Store with one case per entry: case_id -> ((Z, Y, X), integer HU?)."""
-    rng = np.random.default_rng(seed)
-    volumes = {}
-    with StoreWriter(path, codec="none") as w:
-        for case_id, (shape, integer) in cases.items():
-            hu = random_ct(rng, shape, integer)
-            lab = rng.integers(0, 12, shape).astype(np.uint8) if labels else None
-            attrs = dict(ATTRS, source_sha256=f"sha-{case_id}")
-            w.write_case(case_id, hu, attrs, labels=lab)
-            volumes[case_id] = (hu.astype(np.float32), lab)
-    return volumes
+from pipeline_helpers import make_store, real_hu_slices
 
 
 @pytest.fixture(scope="session")
@@ -45,3 +13,9 @@ def tiny_store(tmp_path_factory):
     volumes = make_store(path, {"a": ((10, 48, 48), True), "b": ((8, 48, 48), False),
                                 "c": ((6, 40, 48), True)}, labels=True)
     return path, volumes
+
+
+@pytest.fixture(scope="session")
+def real_hu(shared_data):
+    """Three real CT slices, (3, 512, 512) float32 HU."""
+    return real_hu_slices(shared_data, 3)

@@ -1,0 +1,65 @@
+"""Helpers of the pipeline tests (imported by conftest.py and the test modules)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tcsmae.convert.store import StoreWriter
+
+ATTRS = {"spacing_mm": [2.0, 1.0, 1.0], "origin_mm": [0.0, 0.0, 0.0],
+         "direction": [[1, 0, 0], [0, 1, 0], [0, 0, 1]], "patient_id": "p",
+         "study_uid": "1", "series_uid": "1", "warnings": []}
+
+
+def random_ct(rng: np.random.Generator, shape: tuple[int, int, int], integer: bool
+              ) -> np.ndarray:
+    """A blocky HU volume spanning air to bone (so every tissue interval occurs)."""
+    z, y, x = shape
+    coarse = rng.uniform(-1100, 700, (z, (y + 3) // 4, (x + 3) // 4))
+    hu = np.repeat(np.repeat(coarse, 4, axis=1), 4, axis=2)[:, :y, :x]
+    hu = hu + rng.normal(0, 20, hu.shape)
+    hu[:, :2] = -1024.0                        # some air rows
+    return np.round(hu).astype(np.int16) if integer else hu.astype(np.float32)
+
+
+def make_store(path, cases: dict[str, tuple[tuple[int, int, int], bool]], seed: int = 0,
+               labels: bool = False):
+    """Store with one case per entry: case_id -> ((Z, Y, X), integer HU?)."""
+    rng = np.random.default_rng(seed)
+    volumes = {}
+    with StoreWriter(path, codec="none") as w:
+        for case_id, (shape, integer) in cases.items():
+            hu = random_ct(rng, shape, integer)
+            lab = rng.integers(0, 12, shape).astype(np.uint8) if labels else None
+            attrs = dict(ATTRS, source_sha256=f"sha-{case_id}")
+            w.write_case(case_id, hu, attrs, labels=lab)
+            volumes[case_id] = (hu.astype(np.float32), lab)
+    return volumes
+
+
+def real_hu_slices(shared_data, n: int = 3) -> np.ndarray:
+    """The first `n` slices (by file name) of the real DICOM series: (n, 512, 512) float32 HU."""
+    import pydicom
+
+    files = sorted((shared_data / "totalseg-dicom-series").glob("*.dcm"))[:n]
+    out = []
+    for f in files:
+        ds = pydicom.dcmread(f)
+        out.append(ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope)
+                   + float(ds.RescaleIntercept))
+    return np.stack(out)
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+gpu = pytest.mark.gpu
+"""Mark for tests that need CUDA; they skip where none is present (tests/conftest.py)."""
+requires_cuda = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU")

@@ -1,0 +1,154 @@
+"""Batched twins (what the CPU path runs) against the reference; CuPy kernels (marked gpu)
+against their NumPy twins on random and real inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tcsmae.pipelines import edges, kernels, masking, windowing
+
+from pipeline_helpers import gpu, requires_cuda
+
+LUNG, MED = (-500.0, 1200.0), (30.0, 300.0)
+
+
+def _reference_stack(hu: np.ndarray, scaling: str = "clip") -> np.ndarray:
+    out = []
+    for h in hu.astype(np.float32):
+        lung, med = windowing.lung_and_mediastinal(h, LUNG, MED)
+        out.append(np.stack([lung, med, edges.edge_channel(lung, med, scaling, 1.0), h]))
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("shape", [(3, 40, 52), (2, 1, 5), (1, 6, 1), (2, 2, 2), (1, 33, 17)])
+@pytest.mark.parametrize("scaling", ["clip", "divide"])
+def test_window_edges_numpy_matches_reference(shape, scaling):
+    hu = np.random.default_rng(1).uniform(-1200, 800, shape).astype(np.float32)
+    got = kernels.window_edges_numpy(hu, LUNG, MED, scaling, 1.0)
+    ref = _reference_stack(hu, scaling)
+    assert got.shape == shape[:1] + (4,) + shape[1:] and got.dtype == np.float32
+    assert np.array_equal(got[:, [0, 1, 3]], ref[:, [0, 1, 3]])     # windows, HU: exact
+    np.testing.assert_allclose(got[:, 2], ref[:, 2], atol=1e-6)      # edges: float rounding
+
+
+def test_window_edges_numpy_int16_equals_float():
+    hu = np.random.default_rng(2).integers(-1024, 2000, (2, 24, 24)).astype(np.int16)
+    a = kernels.window_edges_numpy(hu, LUNG, MED, "clip", 1.0)
+    b = kernels.window_edges_numpy(hu.astype(np.float32), LUNG, MED, "clip", 1.0)
+    assert np.array_equal(a, b)
+
+
+def test_window_edges_numpy_on_real_slices(real_hu):
+    hu = real_hu[:2, :128, :128]
+    got = kernels.window_edges_numpy(hu, LUNG, MED, "clip", 1.0)
+    ref = _reference_stack(hu)
+    assert np.array_equal(got[:, :2], ref[:, :2])
+    np.testing.assert_allclose(got[:, 2], ref[:, 2], atol=1e-6)
+
+
+def _random_stack(rng, n=3, h=20, w=24):
+    stack = rng.uniform(0, 1, (n, 4, h, w)).astype(np.float32)
+    stack[:, 3] = rng.uniform(-1200, 800, (n, h, w)).astype(np.float32)
+    # exact interval boundaries must land as the pinned formula says
+    stack[:, 3, 0, :8] = np.linspace(-1000, 312.5, 8, dtype=np.float32)
+    return stack
+
+
+def test_tissue_mask_apply_numpy_matches_reference():
+    rng = np.random.default_rng(3)
+    stack = _random_stack(rng)
+    chosen = np.stack([masking.draw_intervals(rng, 8, 6) for _ in range(3)])
+    original, masked, mask = kernels.tissue_mask_apply_numpy(stack, chosen, -1000, 500)
+    assert original.shape == (3, 3, 20, 24) and mask.shape == (3, 1, 20, 24)
+    for i in range(3):
+        ref = masking.tissue_mask(stack[i, 3], chosen[i], -1000, 500)
+        assert np.array_equal(mask[i, 0], ref)
+        assert np.array_equal(original[i], stack[i, :3])
+        assert np.array_equal(masked[i], masking.apply_mask(stack[i, :3], ref))
+
+
+def test_patch_mask_apply_numpy_matches_reference():
+    rng = np.random.default_rng(4)
+    stack = _random_stack(rng, h=20, w=24)
+    grids = np.stack([masking.draw_patches(rng, (3, 3), 0.75) for _ in range(3)])
+    original, masked, mask = kernels.patch_mask_apply_numpy(stack, grids, 8)
+    for i in range(3):
+        ref = masking.patch_mask(grids[i], 8, (20, 24))
+        assert np.array_equal(mask[i, 0], ref)
+        assert np.array_equal(masked[i], stack[i, :3] * ref)
+
+
+# ------------------------------------------------------------------ GPU twins
+def _cp():
+    import cupy as cp
+
+    return cp
+
+
+@gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [np.float32, np.int16])
+@pytest.mark.parametrize("shape", [(4, 64, 80), (2, 1, 7), (3, 5, 1), (2, 512, 512)])
+@pytest.mark.parametrize("scaling", ["clip", "divide"])
+def test_window_edges_cupy_matches_numpy(dtype, shape, scaling):
+    cp = _cp()
+    hu = np.random.default_rng(5).uniform(-1200, 2000, shape).astype(dtype)
+    got = cp.asnumpy(kernels.window_edges_cupy(cp.asarray(hu), LUNG, MED, scaling, 1.0))
+    want = kernels.window_edges_numpy(hu, LUNG, MED, scaling, 1.0)
+    assert got.shape == want.shape and got.dtype == np.float32
+    assert np.array_equal(got[:, [0, 1, 3]], want[:, [0, 1, 3]])
+    np.testing.assert_allclose(got[:, 2], want[:, 2], atol=2e-6)
+
+
+@gpu
+@requires_cuda
+def test_window_edges_cupy_on_real_slices(real_hu):
+    cp = _cp()
+    got = cp.asnumpy(kernels.window_edges_cupy(cp.asarray(real_hu), LUNG, MED, "clip", 1.0))
+    want = kernels.window_edges_numpy(real_hu, LUNG, MED, "clip", 1.0)
+    assert np.array_equal(got[:, [0, 1, 3]], want[:, [0, 1, 3]])
+    np.testing.assert_allclose(got[:, 2], want[:, 2], atol=2e-6)
+
+
+@gpu
+@requires_cuda
+def test_tissue_mask_apply_cupy_matches_numpy(real_hu):
+    cp = _cp()
+    rng = np.random.default_rng(6)
+    stacks = [_random_stack(rng, 4, 33, 47),
+              kernels.window_edges_numpy(real_hu, LUNG, MED, "clip", 1.0)]
+    for stack in stacks:
+        chosen = np.stack([masking.draw_intervals(rng, 8, 6) for _ in range(len(stack))])
+        got = kernels.tissue_mask_apply_cupy(cp.asarray(stack), cp.asarray(chosen), -1000, 500)
+        want = kernels.tissue_mask_apply_numpy(stack, chosen, -1000, 500)
+        for g, w in zip(got, want):
+            assert np.array_equal(cp.asnumpy(g), w)
+
+
+@gpu
+@requires_cuda
+def test_patch_mask_apply_cupy_matches_numpy():
+    cp = _cp()
+    rng = np.random.default_rng(7)
+    stack = _random_stack(rng, 3, 40, 36)
+    grids = np.stack([masking.draw_patches(rng, (3, 3), 0.5) for _ in range(3)])
+    got = kernels.patch_mask_apply_cupy(cp.asarray(stack), cp.asarray(grids), 16)
+    want = kernels.patch_mask_apply_numpy(stack, grids, 16)
+    for g, w in zip(got, want):
+        assert np.array_equal(cp.asnumpy(g), w)
+
+
+@gpu
+@requires_cuda
+def test_cupy_batch_view_and_fallback():
+    from tcsmae.pipelines.graph import _cupy_batch
+
+    cp = _cp()
+    base = cp.arange(5 * 6 * 7, dtype=cp.float32).reshape(5, 6, 7)
+    samples = [cp.from_dlpack(base[i]) for i in range(5)]       # contiguous, as DALI hands
+    view = _cupy_batch(samples)
+    assert view.data.ptr == base.data.ptr and bool((view == base).all())
+    shuffled = [samples[i] for i in (1, 0, 2, 3, 4)]
+    copy = _cupy_batch(shuffled)
+    assert copy.data.ptr != base.data.ptr and bool((copy[0] == base[1]).all())

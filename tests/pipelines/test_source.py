@@ -1,0 +1,155 @@
+"""Slice source: sharding, epochs, body-fraction filter, resume (source and loader)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tcsmae.convert.store import open_store
+from tcsmae.errors import UserError
+from tcsmae.pipelines.config import PipelineConfig
+from tcsmae.pipelines.loader import make_loader
+from tcsmae.pipelines.source import SliceSource
+
+
+class _Info:
+    def __init__(self, iteration, epoch_idx):
+        self.iteration, self.epoch_idx = iteration, epoch_idx
+
+
+@pytest.mark.parametrize("world_size, batch_size", [(1, 4), (2, 3), (3, 2), (2, 5)])
+def test_shards_disjoint_equal_and_covering(tiny_store, world_size, batch_size):
+    path, _ = tiny_store
+    n_slices = open_store(path).n_slices                        # 24
+    for epoch in (0, 1):
+        per_rank = []
+        for rank in range(world_size):
+            src = SliceSource(path, PipelineConfig(size=32), batch_size, rank, world_size)
+            ids = np.concatenate([src.batch_ids(epoch, s) for s in range(src.n_batches)])
+            assert src.n_batches == n_slices // (batch_size * world_size)
+            per_rank.append(ids)
+        sizes = {len(ids) for ids in per_rank}
+        assert len(sizes) == 1                                  # equal batch counts
+        union = np.concatenate(per_rank)
+        assert len(np.unique(union)) == len(union)              # disjoint
+        dropped = n_slices - len(union)
+        assert 0 <= dropped < batch_size * world_size           # covering but the remainder
+
+
+def test_epochs_are_reshuffled(tiny_store):
+    path, _ = tiny_store
+    src = SliceSource(path, PipelineConfig(size=32), 24)
+    a, b = src.epoch_slices(0), src.epoch_slices(1)
+    assert sorted(a) == sorted(b) == list(range(24)) and not np.array_equal(a, b)
+
+
+def test_source_outputs_and_stop(tiny_store):
+    path, volumes = tiny_store
+    store = open_store(path)
+    src = SliceSource(path, PipelineConfig(size=32), 4, with_labels=True)
+    hu, draw, case, z, label = src(_Info(0, 0))
+    assert len(hu) == 4 and all(h.dtype == np.float32 and h.shape == (48, 48) for h in hu)
+    assert all(d.shape == (8,) and d.sum() == 6 for d in draw)
+    for h, c, zz, lab in zip(hu, case, z, label):
+        case_id = store.case_ids[int(c[0])]
+        vol, labels = volumes[case_id]
+        if vol.shape[1:] == (48, 48):
+            assert np.array_equal(h, vol[int(zz[0])])
+            assert np.array_equal(lab, labels[int(zz[0])])
+        else:                                                   # (40, 48): 4 air rows on top
+            assert np.array_equal(h[4:44], vol[int(zz[0])]) and (h[:4] == -1024).all()
+            assert (lab[:4] == 0).all() and lab.dtype == np.int16
+    with pytest.raises(StopIteration):
+        src(_Info(src.n_batches, 0))
+
+
+def test_body_fraction_filter(tiny_store):
+    path, _ = tiny_store
+    store = open_store(path)
+    threshold = float(np.median(store.body_fraction))
+    src = SliceSource(path, PipelineConfig(size=32, body_fraction_min=threshold), 2)
+    ids = src.epoch_slices(0)
+    assert len(ids) > 0 and (store.body_fraction[ids] >= threshold).all()
+    assert len(src.eligible) == int((store.body_fraction >= threshold).sum())
+    with pytest.raises(UserError, match="body_fraction_min"):
+        SliceSource(path, PipelineConfig(size=32, body_fraction_min=1.0), 2)
+
+
+def test_bad_arguments_are_user_errors(tiny_store):
+    path, _ = tiny_store
+    with pytest.raises(UserError, match="rank"):
+        SliceSource(path, PipelineConfig(), 2, rank=2, world_size=2)
+    with pytest.raises(UserError, match="resume step"):
+        SliceSource(path, PipelineConfig(), 4, step=6)
+    with pytest.raises(UserError, match="does not exist"):
+        SliceSource(path.parent / "missing.zarr", PipelineConfig(), 4)
+
+
+def _collect(loader, n_batches):
+    out = []
+    it = iter(loader)
+    while len(out) < n_batches:
+        try:
+            out.append({k: v.clone() for k, v in next(it).items()})
+        except StopIteration:
+            it = iter(loader)
+    return out
+
+
+def test_resume_gives_the_same_following_batches(tiny_store):
+    path, _ = tiny_store
+    cfg = PipelineConfig(size=32)
+    full = make_loader(path, cfg, batch_size=5, py_workers=0, num_threads=1)
+    assert len(full) == 4
+    run = _collect(full, 7)                                   # epoch 0: 4 batches, epoch 1: 3
+    assert full.position == (1, 3)
+    resumed = make_loader(path, cfg, batch_size=5, epoch=0, step=2, py_workers=0,
+                          num_threads=1)
+    assert resumed.position == (0, 2)
+    tail = _collect(resumed, 5)
+    for a, b in zip(run[2:], tail):
+        for key in ("original", "masked", "mask", "case_index", "z"):
+            assert torch.equal(a[key], b[key]), key
+    # a new epoch draws new masks for the same slice (27 of 28 interval pairs differ)
+    def masks(batches):
+        return {(int(c), int(z)): m for b in batches
+                for c, z, m in zip(b["case_index"], b["z"], b["mask"])}
+    epoch0, epoch1 = masks(run[:4]), masks(run[4:])
+    common = set(epoch0) & set(epoch1)
+    assert len(common) >= 5
+    assert sum(not torch.equal(epoch0[k], epoch1[k]) for k in common) >= len(common) // 2
+
+
+def test_parallel_workers_give_the_same_batches(tiny_store):
+    path, _ = tiny_store
+    cfg = PipelineConfig(size=32)
+    serial = _collect(make_loader(path, cfg, batch_size=6, py_workers=0, num_threads=1), 4)
+    parallel = _collect(make_loader(path, cfg, batch_size=6, py_workers=2, num_threads=2), 4)
+    for a, b in zip(serial, parallel):
+        assert torch.equal(a["z"], b["z"]) and torch.equal(a["masked"], b["masked"])
+
+
+def test_loader_keys_shapes_and_dtypes(tiny_store):
+    path, _ = tiny_store
+    loader = make_loader(path, PipelineConfig(size=32, dtype="bfloat16"), batch_size=4,
+                         py_workers=0, with_labels=True)
+    batch = next(iter(loader))
+    assert batch["original"].shape == (4, 3, 32, 32) and batch["original"].dtype == torch.bfloat16
+    assert batch["masked"].dtype == torch.bfloat16
+    assert batch["mask"].shape == (4, 1, 32, 32) and batch["mask"].dtype == torch.float32
+    assert batch["case_index"].shape == (4,) and batch["case_index"].dtype == torch.int64
+    assert batch["z"].dtype == torch.int64
+    assert batch["label"].shape == (4, 32, 32) and batch["label"].dtype == torch.int64
+    # fine-tuning: masking is off
+    assert torch.equal(batch["masked"], batch["original"]) and bool((batch["mask"] == 1).all())
+
+
+def test_set_epoch_restarts_at_that_epoch(tiny_store):
+    path, _ = tiny_store
+    cfg = PipelineConfig(size=32)
+    a = make_loader(path, cfg, batch_size=6, py_workers=0, num_threads=1)
+    a.set_epoch(3)
+    first = next(iter(a))
+    b = make_loader(path, cfg, batch_size=6, epoch=3, py_workers=0, num_threads=1)
+    assert torch.equal(first["z"], next(iter(b))["z"])
