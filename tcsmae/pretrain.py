@@ -166,20 +166,29 @@ def pretraining_case_digests(store_path: Path) -> dict:
 
 
 class StoreBatches:
-    """The pipelines' loader as an engine BatchSource: batches(epoch, start_step)."""
+    """The pipelines' loader as an engine BatchSource: batches(epoch, start_step).
+
+    One DALI loader is kept and moved to the next epoch with set_epoch; a new one is built
+    only for a resume position it is not at."""
 
     def __init__(self, store_path: Path, cfg, ctx):
         from tcsmae.pipelines.loader import make_loader
 
-        self._make = make_loader
-        self.store_path, self.cfg, self.ctx = store_path, cfg, ctx
-        self.steps_per_epoch = len(self(0, 0))
+        self._loader = None
+        self._make = lambda epoch, step: make_loader(
+            store_path, cfg.pipeline, cfg.batch_size, device=ctx.device.type, rank=ctx.rank,
+            world_size=ctx.world_size, epoch=epoch, step=step, num_threads=max(2, cfg.workers),
+            py_workers=cfg.workers, device_id=ctx.device.index if ctx.device.type == "cuda" else None)
+        self._loader = self._make(0, 0)
+        self.steps_per_epoch = len(self._loader)
 
     def __call__(self, epoch: int, start_step: int):
-        device = "cpu" if self.ctx.device.type == "cpu" else self.ctx.device.index
-        return self._make(self.store_path, self.cfg.pipeline, self.cfg.batch_size, device=device,
-                          rank=self.ctx.rank, world_size=self.ctx.world_size, epoch=epoch, step=start_step,
-                          workers=self.cfg.workers)
+        if self._loader.position != (epoch, start_step):
+            if start_step == 0:
+                self._loader.set_epoch(epoch)
+            else:
+                self._loader = self._make(epoch, start_step)
+        return self._loader
 
 
 def run(args) -> int:

@@ -33,31 +33,77 @@ def metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_resume_from_one_epoch_repeats_the_two_epoch_run(tmp_path):
-    torch.set_num_threads(1)  # identical reduction order in both runs
-    cfg = tiny_config(image_every=2)
-    source = SyntheticBatches(4, 64, steps_per_epoch=5, seed=1)
-    straight = pretrain(cfg, source, tmp_path / "a", CPU)
-    pretrain(replace(cfg, epochs=1), source, tmp_path / "b", CPU)
-    ckpt = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
-    assert ckpt["data_position"] == {"epoch": 1, "step": 0} and ckpt["step"] == 3
-    resumed = pretrain(cfg, source, tmp_path / "b", CPU, resume=ckpt)
-    assert len(straight.history) == 6 and len(resumed.history) == 3
-    for want, got in zip(straight.history[3:], resumed.history):
-        for key in LOSS_KEYS:
-            assert got[key] == want[key], key  # bit-identical on the CPU
-    a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
-    assert [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]  # resumed run appends, global steps
-    assert [m["loss"] for m in a] == [m["loss"] for m in b]
-    assert b[3]["lr"] == pytest.approx(1e-3 * 0.96) and b[2]["lr"] == pytest.approx(1e-3)
-    for key in ("epoch", "loss_ssim", "loss_con", "temperature", "pairs_per_s"):
-        assert key in b[0]
-    assert (tmp_path / "b" / "config.json").is_file()
-    assert any((tmp_path / "a" / "tensorboard").iterdir())
+@pytest.fixture(scope="module")
+def phantom_store(tmp_path_factory):
+    """2 phantom cases x 8 slices of 64x64, converted: 4 batches of 4 per epoch."""
+    from tcsmae.convert import dicom_to_zarr
+    from tcsmae.convert.phantom import PhantomConfig, write_phantom
+
+    root = tmp_path_factory.mktemp("phantom")
+    write_phantom(PhantomConfig(cases=2, size=64, slices=8), root / "src", progress=False)
+    store = root / "ph.zarr"
+    assert dicom_to_zarr.main(["--manifest", str(root / "src" / "manifest.csv"), "-o", str(store),
+                               "--workers", "1"]) == 0
+    return store
 
 
-def test_resume_mid_epoch_continues_the_data_position(tmp_path):
+def run_cli(*argv) -> int:
+    from tcsmae.cli import main
+
+    return main(["pretrain", "--preset", "demo", "--size", "64", "--batch-size", "4", "--workers", "0",
+                 "--lr", "1e-3", "--checkpoint-every", "3", *map(str, argv)])
+
+
+@pytest.fixture
+def one_thread():
+    """Same intra-op thread count in every run (bit-identical reductions); restored after."""
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_resume_from_one_epoch_repeats_the_two_epoch_run(phantom_store, tmp_path, one_thread):
+    """Real loader on phantom slices, through the CLI: 2 epochs straight == 1 epoch + resume."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_cli("--data", phantom_store, "--out", a, "--epochs", 2) == 0
+    assert run_cli("--data", phantom_store, "--out", b, "--epochs", 1) == 0
+    ckpt = load_checkpoint(b / "checkpoints" / "last.pt")
+    assert ckpt["data_position"] == {"epoch": 1, "step": 0} and ckpt["step"] == 4
+    assert run_cli("--resume", b / "checkpoints" / "last.pt", "--data", phantom_store, "--out", b,
+                   "--epochs", 2) == 0
+    ma, mb = metrics(a), metrics(b)
+    assert [m["step"] for m in mb] == list(range(1, 9))  # global steps; the resumed run appended
+    for key in LOSS_KEYS:
+        assert [m[key] for m in ma] == [m[key] for m in mb], key  # bit-identical on the CPU
+    assert len({m["loss"] for m in ma}) == 8  # real, changing values
+    assert mb[4]["lr"] == pytest.approx(1e-3 * 0.96) and mb[3]["lr"] == pytest.approx(1e-3)
+    for key in ("epoch", "loss_ssim", "loss_con", "temperature", "pairs_per_s"):
+        assert key in mb[0]
+    assert json.loads((b / "config.json").read_text())["epochs"] == 2
+    assert any((a / "tensorboard").iterdir())
+
+
+def test_short_training_on_phantom_slices_lowers_the_loss(phantom_store, tmp_path):
+    assert run_cli("--data", phantom_store, "--out", tmp_path, "--epochs", 6, "--lr", "2e-3",
+                   "--checkpoint-every", 0) == 0
+    m = metrics(tmp_path)
+    assert len(m) == 24
+    first, last = m[:4], m[-4:]
+    mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
+    assert mean(last, "loss") < min(r["loss"] for r in first)
+    assert mean(last, "loss_ssim") < 0.8 * mean(first, "loss_ssim")
+
+
+def test_resize_on_resume_is_refused(phantom_store, tmp_path, capsys):
+    assert run_cli("--data", phantom_store, "--out", tmp_path, "--epochs", 1, "--steps-per-epoch", 1) == 0
+    code = run_cli("--resume", tmp_path / "checkpoints" / "last.pt", "--data", phantom_store,
+                   "--out", tmp_path, "--size", 96, "--epochs", 2)
+    assert code == 2
+    assert "trained at 64x64" in capsys.readouterr().err
+
+
+def test_resume_mid_epoch_continues_the_data_position(tmp_path, one_thread):
     cfg = tiny_config(epochs=1, steps_per_epoch=4, checkpoint_every=2)
     source = SyntheticBatches(4, 64, steps_per_epoch=4, seed=2)
     straight = pretrain(cfg, source, tmp_path / "a", CPU)
@@ -76,15 +122,6 @@ def test_resume_mid_epoch_continues_the_data_position(tmp_path):
     resumed = pretrain(cfg, source, tmp_path / "b", CPU, resume=ckpt)
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history[2:]]
     assert [m["step"] for m in metrics(tmp_path / "b")] == [1, 2, 3, 4]  # step 3 logged once
-
-
-def test_short_training_lowers_the_loss(tmp_path):
-    cfg = tiny_config(epochs=6, steps_per_epoch=4, checkpoint_every=0, lr=2e-3)
-    pos = pretrain(cfg, SyntheticBatches(4, 64, steps_per_epoch=4, seed=3), tmp_path, CPU)
-    losses = [h["loss"] for h in pos.history]
-    ssim = [h["loss_ssim"] for h in pos.history]
-    assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4
-    assert sum(ssim[-4:]) < sum(ssim[:4])
 
 
 def test_checkpoint_is_weights_only_and_export_loads_into_smp(tmp_path):
