@@ -23,7 +23,9 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import warnings
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,12 +145,32 @@ def discover_files(sources: list[str | Path]) -> list[Path]:
     return unique
 
 
+@contextmanager
+def quiet_pydicom():
+    """Silence pydicom's value-validation warnings (a 600,000-file run would print thousands)."""
+    from pydicom import config
+
+    old = config.settings.reading_validation_mode
+    config.settings.reading_validation_mode = config.IGNORE
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        config.settings.reading_validation_mode = old
+
+
 def scan_file(path: str | Path) -> ScanResult:
     """Read the header of one file (pixel data is not decoded) and classify it.
 
     The whole file is read once to compute its sha256 (the case's source digest), which also
     brings it into the page cache for the decoding step.
     """
+    with quiet_pydicom():
+        return _scan_file(path)
+
+
+def _scan_file(path: str | Path) -> ScanResult:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -167,7 +189,13 @@ def scan_file(path: str | Path) -> ScanResult:
         if has_magic:
             return ScanResult(path, "unreadable", f"corrupt or truncated DICOM ({type(exc).__name__}: {exc})", digest)
         return ScanResult(path, "junk", "not a DICOM file", digest)
+    try:
+        return _classify(ds, path, digest)
+    except Exception as exc:  # a header value pydicom parsed but that makes no sense
+        return ScanResult(path, "unreadable", f"unusable DICOM header ({type(exc).__name__}: {exc})", digest)
 
+
+def _classify(ds, path: str, digest: str) -> ScanResult:
     meta = getattr(ds, "file_meta", None)
     sop_class = str(getattr(meta, "MediaStorageSOPClassUID", "") or ds.get("SOPClassUID", "") or "")
     has_pixels = any(tag in ds for tag in PIXEL_TAGS)
@@ -317,6 +345,13 @@ def series_key(h: SliceHeader) -> str:
     return f"FoR={h.frame_of_reference_uid or '-'} SeriesNumber={h.series_number or '-'} AcquisitionNumber={h.acquisition_number or '-'}"
 
 
+def _valid_geometry(h: SliceHeader) -> bool:
+    r, c = np.asarray(h.orientation[:3]), np.asarray(h.orientation[3:])
+    unit = abs(np.linalg.norm(r) - 1) < 1e-2 and abs(np.linalg.norm(c) - 1) < 1e-2
+    finite = np.all(np.isfinite(h.orientation)) and np.all(np.isfinite(h.position)) and np.all(np.isfinite(h.pixel_spacing))
+    return bool(finite and unit and abs(r @ c) < 1e-2 and min(h.pixel_spacing) > 0 and h.rows > 0 and h.columns > 0)
+
+
 def _geometry_key(h: SliceHeader) -> tuple:
     iop = tuple(round(v, 4) + 0.0 for v in h.orientation) if h.orientation else None
     ps = tuple(round(v, 4) for v in h.pixel_spacing) if h.pixel_spacing else None
@@ -353,6 +388,13 @@ def plan_series(scans: list[ScanResult]) -> tuple[list[SeriesPlan], list[Refusal
         if missing is not None:
             tags = [n for n, v in (("ImagePositionPatient", missing.position), ("ImageOrientationPatient", missing.orientation), ("PixelSpacing", missing.pixel_spacing)) if v is None]
             refusals.append(Refusal(key, f"missing {', '.join(tags)}; cannot place the slices", missing.path, failed=True))
+            continue
+        odd = next((h for h in slices if not _valid_geometry(h)), None)
+        if odd is not None:
+            refusals.append(Refusal(
+                key, f"invalid geometry tags: ImageOrientationPatient {list(odd.orientation)} (two orthogonal unit "
+                f"vectors expected), PixelSpacing {list(odd.pixel_spacing)} (positive expected)", odd.path,
+            ))
             continue
         stacks: dict[tuple, list[SliceHeader]] = defaultdict(list)
         for h in slices:
@@ -470,12 +512,12 @@ def series_geometry(slices: list[SliceHeader]) -> Geometry:
     z = positions @ normal
     steps = np.diff(z)
     median_step = float(np.median(steps))
-    warnings: list[str] = []
+    messages: list[str] = []
     tol = max(0.01, SPACING_REL_TOL * median_step)
     uneven = bool(np.any(np.abs(steps - median_step) > tol))
     if uneven:
         gaps = [f"{z[i]:.2f}->{z[i + 1]:.2f}" for i in np.flatnonzero(steps > median_step + tol)[:5]]
-        warnings.append(
+        messages.append(
             f"uneven slice spacing: steps {steps.min():.3f} to {steps.max():.3f} mm (median {median_step:.3f} mm)"
             + (f"; missing slice(s) between z (mm) {', '.join(gaps)}" if gaps else "")
             + "; true positions are kept in z_positions_mm"
@@ -485,7 +527,7 @@ def series_geometry(slices: list[SliceHeader]) -> Geometry:
     if tilt <= TILT_TOL_DEG:
         tilt = 0.0
     else:
-        warnings.append(f"gantry tilt {tilt:.2f} deg: slice positions are not along the slice normal (grid is sheared)")
+        messages.append(f"gantry tilt {tilt:.2f} deg: slice positions are not along the slice normal (grid is sheared)")
     spacing = (median_step, float(first.pixel_spacing[0]), float(first.pixel_spacing[1]))
     return Geometry(
         shape=(len(slices), first.rows, first.columns),
@@ -495,7 +537,7 @@ def series_geometry(slices: list[SliceHeader]) -> Geometry:
         positions_mm=positions,
         z_positions_mm=z,
         tilt_deg=tilt,
-        warnings=warnings,
+        warnings=messages,
         uneven=uneven,
     )
 
@@ -515,25 +557,117 @@ class SeriesVolume:
 def read_series(plan: SeriesPlan, strict: bool = False) -> SeriesVolume:
     """Decode every slice, apply the modality LUT per slice, sort along the normal, check.
 
+    Slices are sorted by header position first and decoded straight into the volume, so
+    a series costs one (Z, Y, X) array: int16 while every slice's HU are exact integers in
+    range (integer slope/intercept), float32 otherwise.
+
     Raises SeriesError (naming the file) for: undecodable/truncated pixel data, differing
     pixels at one position, fewer than MIN_SLICES positions, and under `strict` uneven
     spacing or gantry tilt.
     """
-    import pydicom
-    from pydicom.pixels import apply_modality_lut
-
-    warnings = list(plan.warnings)
     normal = slice_normal(plan.slices[0].orientation)
     rows, cols = plan.slices[0].rows, plan.slices[0].columns
-    by_file: dict[str, list[SliceHeader]] = defaultdict(list)
-    for h in plan.slices:
-        by_file[h.path].append(h)
+    ordered = sorted(
+        ((float(np.dot(h.position, normal)), h) for h in plan.slices),
+        key=lambda t: (t[0], t[1].path, t[1].frame or 0),
+    )
+    runs: list[list[SliceHeader]] = []  # slices sharing one position
+    last = None
+    for d, h in ordered:
+        if last is not None and abs(d - last) <= POSITION_TOL_MM:
+            runs[-1].append(h)
+        else:
+            runs.append([h])
+            last = d
+    if len(runs) < MIN_SLICES:
+        raise SeriesError(f"only {len(runs)} distinct slice position(s); at least {MIN_SLICES} needed", plan.first_file)
+    slices = [run[0] for run in runs]
+    geometry = series_geometry(slices)
+    messages = list(plan.warnings) + geometry.warnings
+    if strict and geometry.uneven:
+        raise SeriesError(f"--strict: {geometry.warnings[0]}", plan.first_file)
+    if strict and geometry.tilt_deg > 0:
+        raise SeriesError(f"--strict: gantry tilt of {geometry.tilt_deg:.2f} deg", plan.first_file)
 
-    decoded: list[tuple[float, SliceHeader, np.ndarray]] = []
-    padding: dict = {}
-    rescales: set[tuple[float, float]] = set()
-    luts = set()
-    for path, headers in by_file.items():
+    with quiet_pydicom():
+        hu, dropped, constant, lo, hi, reader = _decode_runs(runs, geometry, rows, cols)
+    if dropped:
+        messages.append(f"dropped {len(dropped)} duplicate slice(s) with identical pixels: {', '.join(dropped[:5])}")
+    if constant:
+        messages.append(f"{len(constant)} constant slice(s) after decoding (check the data): {', '.join(constant[:3])}")
+    if lo < PLAUSIBLE_HU[0] or hi > PLAUSIBLE_HU[1]:
+        messages.append(
+            f"implausible HU range [{lo:g}, {hi:g}] for CT (expected within {list(PLAUSIBLE_HU)}); "
+            "check RescaleSlope/RescaleIntercept and PixelPaddingValue"
+        )
+    return _finish(hu, geometry, slices, messages, reader)
+
+
+def _decode_runs(runs, geometry, rows, cols):
+    """Decode the first slice of each position run into the volume; check the others equal it."""
+    reader = _SliceReader(rows, cols, multi_frame_paths={h.path for run in runs for h in run if h.frame is not None})
+    hu = np.empty((len(runs), rows, cols), dtype=np.int16)
+    dropped, constant = [], []
+    lo, hi = np.inf, -np.inf
+    for z, run in enumerate(runs):
+        s = reader.hu(run[0])
+        s_lo, s_hi = s.min(), s.max()
+        if hu.dtype == np.int16 and (s.dtype.kind == "f" or s_lo < -32768 or s_hi > 32767):
+            hu = hu.astype(np.float32)  # once per series at most
+        hu[z] = s
+        lo, hi = min(lo, float(s_lo)), max(hi, float(s_hi))
+        if s_lo == s_hi:
+            constant.append(_slice_name(run[0]))
+        for other in run[1:]:
+            if not np.array_equal(reader.hu(other), s):
+                raise SeriesError(
+                    f"two slices at one position ({geometry.z_positions_mm[z]:.3f} mm along the normal) differ "
+                    f"in pixels: {_slice_name(run[0])} and {_slice_name(other)}", other.path,
+                )
+            dropped.append(_slice_name(other))
+    return hu, dropped, constant, lo, hi, reader
+
+
+def _finish(hu, geometry, slices, messages, reader) -> SeriesVolume:
+    extra: dict = {"modality_lut": ", ".join(sorted(reader.luts))}
+    if len(reader.rescales) > 1:
+        extra["rescale_varies"] = {
+            "slopes": sorted({r[0] for r in reader.rescales})[:16],
+            "intercepts": sorted({r[1] for r in reader.rescales})[:16],
+        }
+    if reader.padding_value is not None:
+        extra["padding_value"] = reader.padding_value
+        extra["padding_voxels"] = reader.padding_voxels
+        extra["padding_hu"] = PADDING_HU
+    if geometry.tilt_deg > 0:
+        extra["tilt_deg"] = geometry.tilt_deg
+    if any(h.frame is not None for h in slices):
+        extra["multiframe"] = True
+    return SeriesVolume(hu, geometry, slices, messages, extra)
+
+
+class _SliceReader:
+    """Decodes slices to HU one at a time; keeps multi-frame files decoded while in use.
+
+    hu(header) -> (Y, X) int32 when the modality LUT is an integer rescale (exactly what
+    pydicom's apply_modality_lut computes, without the float64 round trip), else float64
+    from pydicom.pixels.apply_modality_lut.
+    """
+
+    def __init__(self, rows: int, cols: int, multi_frame_paths: set[str]):
+        self.shape = (rows, cols)
+        self.multi_frame_paths = multi_frame_paths
+        self.cache: dict[str, tuple] = {}
+        self.luts: set[str] = set()
+        self.rescales: set[tuple[float, float]] = set()
+        self.padding_value = None
+        self.padding_voxels = 0
+
+    def _load(self, path: str):
+        import pydicom
+
+        if path in self.cache:
+            return self.cache[path]
         try:
             ds = pydicom.dcmread(path)
             pixels = ds.pixel_array
@@ -541,89 +675,51 @@ def read_series(plan: SeriesPlan, strict: bool = False) -> SeriesVolume:
             raise SeriesError(f"cannot decode pixel data of {path}: {type(exc).__name__}: {exc}", path) from None
         if pixels.ndim == 2:
             pixels = pixels[None]
-        if pixels.shape[1:] != (rows, cols):
-            raise SeriesError(f"{path}: pixel array {pixels.shape[1:]} does not match Rows/Columns {(rows, cols)}", path)
-        pad_mask_fn = _padding_mask(ds, pixels.dtype)
-        for h in headers:
-            stored = pixels[h.frame or 0]
-            if h.rescale is not None:
-                hu = stored.astype(np.float64) * h.rescale[0] + h.rescale[1]
-                rescales.add(h.rescale)
-                luts.add("rescale (per-frame functional groups)")
+        if pixels.shape[1:] != self.shape:
+            raise SeriesError(f"{path}: pixel array {pixels.shape[1:]} does not match Rows/Columns {self.shape}", path)
+        loaded = (ds, pixels, _padding_mask(ds, pixels.dtype))
+        if path in self.multi_frame_paths:
+            self.cache[path] = loaded
+        return loaded
+
+    def hu(self, h: SliceHeader) -> np.ndarray:
+        from pydicom.pixels import apply_modality_lut
+
+        ds, pixels, pad = self._load(h.path)
+        stored = pixels[h.frame or 0]
+        if h.rescale is not None:
+            slope, intercept = h.rescale
+            self.luts.add("rescale (per-frame functional groups)")
+        elif "ModalityLUTSequence" in ds:
+            slope = intercept = None
+            self.luts.add("ModalityLUTSequence")
+        elif "RescaleSlope" in ds or "RescaleIntercept" in ds:
+            slope = float(ds.get("RescaleSlope", 1) or 1)
+            intercept = float(ds.get("RescaleIntercept", 0) or 0)
+            self.luts.add("rescale")
+        else:
+            slope, intercept = 1.0, 0.0
+            self.luts.add("none")
+        if slope is None:
+            hu = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+        else:
+            self.rescales.add((slope, intercept))
+            if slope.is_integer() and intercept.is_integer() and abs(slope) <= 1024 and abs(intercept) <= 2**20:
+                hu = stored.astype(np.int32)
+                if slope != 1:
+                    hu *= int(slope)
+                if intercept != 0:
+                    hu += int(intercept)
             else:
-                hu = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
-                if "ModalityLUTSequence" in ds:
-                    luts.add("ModalityLUTSequence")
-                elif "RescaleSlope" in ds or "RescaleIntercept" in ds:
-                    luts.add("rescale")
-                    rescales.add((float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)))
-                else:
-                    luts.add("none")
-            if pad_mask_fn is not None:
-                mask = pad_mask_fn(stored)
-                n_pad = int(np.count_nonzero(mask))
-                if n_pad:
-                    hu[mask] = PADDING_HU
-                    padding["voxels"] = padding.get("voxels", 0) + n_pad
-                padding["stored_value"] = pad_mask_fn.describe
-            decoded.append((float(np.dot(h.position, normal)), h, hu))
-
-    decoded.sort(key=lambda t: (t[0], t[1].path, t[1].frame or 0))
-    kept: list[tuple[float, SliceHeader, np.ndarray]] = []
-    dropped: list[str] = []
-    for d, h, hu in decoded:
-        if kept and abs(d - kept[-1][0]) <= POSITION_TOL_MM:
-            other = kept[-1]
-            if np.array_equal(hu, other[2]):
-                dropped.append(_slice_name(h))
-                continue
-            raise SeriesError(
-                f"two slices at one position ({d:.3f} mm along the normal) differ in pixels: "
-                f"{_slice_name(other[1])} and {_slice_name(h)}", h.path,
-            )
-        kept.append((d, h, hu))
-    if dropped:
-        warnings.append(f"dropped {len(dropped)} duplicate slice(s) with identical pixels: {', '.join(dropped[:5])}")
-    if len(kept) < MIN_SLICES:
-        raise SeriesError(f"only {len(kept)} distinct slice position(s); at least {MIN_SLICES} needed", plan.first_file)
-
-    slices = [h for _, h, _ in kept]
-    geometry = series_geometry(slices)
-    warnings.extend(geometry.warnings)
-    if strict and geometry.uneven:
-        raise SeriesError(f"--strict: {geometry.warnings[0]}", plan.first_file)
-    if strict and geometry.tilt_deg > 0:
-        raise SeriesError(f"--strict: gantry tilt of {geometry.tilt_deg:.2f} deg", plan.first_file)
-
-    hu = np.empty((len(kept), rows, cols), dtype=np.float32)
-    constant = []
-    for i, (_, h, s) in enumerate(kept):
-        hu[i] = s
-        if s.size and s.min() == s.max():
-            constant.append(_slice_name(h))
-    if constant:
-        warnings.append(f"{len(constant)} constant slice(s) after decoding (check the data): {', '.join(constant[:3])}")
-    lo, hi = float(hu.min()), float(hu.max())
-    if lo < PLAUSIBLE_HU[0] or hi > PLAUSIBLE_HU[1]:
-        warnings.append(
-            f"implausible HU range [{lo:g}, {hi:g}] for CT (expected within {list(PLAUSIBLE_HU)}); "
-            "check RescaleSlope/RescaleIntercept and PixelPaddingValue"
-        )
-
-    extra: dict = {"modality_lut": ", ".join(sorted(luts))}
-    if len(rescales) > 1:
-        slopes = sorted({r[0] for r in rescales})
-        intercepts = sorted({r[1] for r in rescales})
-        extra["rescale_varies"] = {"slopes": slopes[:16], "intercepts": intercepts[:16]}
-    if padding:
-        extra["padding_value"] = padding["stored_value"]
-        extra["padding_voxels"] = int(padding.get("voxels", 0))
-        extra["padding_hu"] = PADDING_HU
-    if geometry.tilt_deg > 0:
-        extra["tilt_deg"] = geometry.tilt_deg
-    if any(h.frame is not None for h in slices):
-        extra["multiframe"] = True
-    return SeriesVolume(hu, geometry, slices, warnings, extra)
+                hu = stored.astype(np.float64) * slope + intercept
+        if pad is not None:
+            mask = pad(stored)
+            n_pad = int(np.count_nonzero(mask))
+            if n_pad:
+                hu[mask] = PADDING_HU
+            self.padding_value = pad.describe
+            self.padding_voxels += n_pad
+        return hu
 
 
 def _slice_name(h: SliceHeader) -> str:

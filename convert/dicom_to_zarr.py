@@ -68,8 +68,10 @@ class Outcome:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tcsmae.convert.dicom_series import SKIPPED_BY_DESIGN, discover_files
-    from tcsmae.convert.store import StoreWriter, check_case_id
+    from concurrent.futures.process import BrokenProcessPool
+
+    from tcsmae.convert.dicom_series import discover_files
+    from tcsmae.convert.store import check_case_id
     from tcsmae.errors import UserError
 
     started = time.perf_counter()
@@ -88,6 +90,22 @@ def run(args: argparse.Namespace) -> int:
     all_files = sorted({f for fs in files_of_job for f in fs})
     if not all_files:
         raise UserError(f"no files found in {', '.join(str(s) for j in jobs for s in j.sources)}", exit_code=EXIT_NOTHING)
+
+    try:
+        outcomes, skipped_files = _scan_plan_convert(args, jobs, files_of_job, all_files)
+    except BrokenProcessPool as exc:
+        raise UserError(
+            f"a worker process died ({exc}); cases committed so far are kept. The usual cause is "
+            "memory: run again with fewer --workers (finished cases are skipped)",
+            exit_code=EXIT_NOTHING,
+        ) from None
+    _print_summary(outcomes, skipped_files, args.output, time.perf_counter() - started)
+    return _exit_code(outcomes)
+
+
+def _scan_plan_convert(args, jobs: list[Job], files_of_job: list[list[Path]], all_files: list[Path]):
+    from tcsmae.convert.dicom_series import SKIPPED_BY_DESIGN
+    from tcsmae.convert.store import StoreWriter
 
     with _pool(args.workers) as pool:
         scans = _scan(all_files, pool)
@@ -114,8 +132,7 @@ def run(args: argparse.Namespace) -> int:
                         plan.first_file,
                     ))
             outcomes.extend(_convert(todo, writer, pool, args))
-    _print_summary(outcomes, skipped_files, args.output, time.perf_counter() - started)
-    return _exit_code(outcomes)
+    return outcomes, skipped_files
 
 
 def _jobs_from_args(args) -> list[Job]:
@@ -157,8 +174,13 @@ def _pool(workers: int):
     from concurrent.futures import ProcessPoolExecutor
 
     # forkserver/spawn, not fork: zarr keeps an event-loop thread that a forked child would lack
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method))
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        # workers fork from a server that has imported these once (not once per worker)
+        context.set_forkserver_preload(["numpy", "pydicom", "tcsmae.convert.dicom_series", "tcsmae.convert.store"])
+    else:
+        context = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context)
 
 
 def _scan(files: list[Path], pool) -> list:

@@ -483,3 +483,28 @@ def test_13_too_few_slices_or_missing_tags_are_skipped_with_the_reason(tmp_path,
 
     code, out = convert(tmp_path / "in" / "short", "-o", tmp_path / "short.zarr")
     assert code == 1, out
+
+
+def test_13_invalid_orientation_is_refused_naming_the_file(tmp_path, convert):
+    s = ct_series(n=4)
+    s.datasets[2].ImageOrientationPatient = [0.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    paths = write_series(s.datasets, tmp_path / "s")
+    code, out = convert(tmp_path / "s", "-o", tmp_path / "out.zarr")
+    assert code == 1, out
+    assert "invalid geometry tags" in out and str(paths[2]) in out
+
+
+def test_corrupted_headers_never_crash_the_converter(tmp_path, convert):
+    """Random bytes flipped in file headers: every outcome is a table line, never a traceback."""
+    rng = np.random.default_rng(7)
+    for k in range(3):
+        s = ct_series(n=4, rows=16, cols=16, seed=k)
+        for p in write_series(s.datasets, tmp_path / "in" / f"s{k}"):
+            data = bytearray(p.read_bytes())
+            for pos in rng.integers(132, 700, size=int(rng.integers(0, 6))):
+                data[pos] = int(rng.integers(0, 256))
+            p.write_bytes(bytes(data))
+    code, out = convert(tmp_path / "in", "-o", tmp_path / "out.zarr")
+    assert code in (0, 1, 3), out
+    assert "Traceback" not in out
+    open_store(tmp_path / "out.zarr")  # whatever happened, the store is readable
