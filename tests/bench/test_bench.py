@@ -1,0 +1,126 @@
+"""`tcsmae bench` end to end on a tiny phantom store (CPU, ~30 s), plus its small pieces."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tcsmae import bench
+from tcsmae.cli import main
+from tcsmae.errors import UserError
+
+MEASURED = ("read.slices_per_s", "read.mb_per_s", "preprocess.baseline.slices_per_s",
+            "preprocess.dali_cpu.slices_per_s", "train_step.pairs_per_s", "train_step.peak_mem_gb",
+            "end_to_end.pairs_per_s")
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory):
+    return bench.phantom_store(tmp_path_factory.mktemp("phantom"), size=64, cases=2, slices=8,
+                               processes=1)
+
+
+@pytest.fixture(scope="module")
+def bench_run(tiny_store, tmp_path_factory):
+    """One smallest-settings run through the CLI; returns (exit code, result dict, stdout)."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("bench") / "result.json"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(["bench", "--quick", "--data", str(tiny_store), "--device", "cpu",
+                     "--workers", "1", "--batch-size", "4", "--size", "64", "--seconds", "0.5",
+                     "--pool-slices", "8", "--out", str(out)])
+    return code, json.loads(out.read_text()), stdout.getvalue(), out
+
+
+def test_phantom_store_is_complete(tiny_store):
+    from tcsmae.convert.store import open_store
+
+    store = open_store(tiny_store)
+    assert store.n_slices == 16 and len(store.case_ids) == 2
+    assert store.image(store.case_ids[0]).shape == (8, 64, 64)
+    assert store.has_labels(store.case_ids[1])
+    # a second call reuses the committed store instead of rebuilding it
+    mtime = (tiny_store / "slice_index.npz").stat().st_mtime_ns
+    assert bench.phantom_store(tiny_store.parent, size=64, cases=2, slices=8) == tiny_store
+    assert (tiny_store / "slice_index.npz").stat().st_mtime_ns == mtime
+
+
+def test_bench_writes_every_figure(bench_run):
+    code, result, _, out = bench_run
+    assert code == 0, result["errors"]
+    assert result["errors"] == {}
+    for key in bench.FIGURE_KEYS:  # every fixed key is present (null allowed)
+        *parents, leaf = key.split(".")
+        node = result
+        for part in parents:
+            node = node[part]
+            if node is None:  # a whole unmeasured path (dali_gpu) is null
+                break
+        else:
+            assert leaf in node, key
+    for key in MEASURED:
+        value = bench._get(result, key)
+        assert isinstance(value, float) and math.isfinite(value) and value > 0, (key, value)
+    stall = result["end_to_end"]["data_stall"]
+    assert isinstance(stall, float) and 0.0 <= stall < 1.0
+    # no leftovers of the atomic write
+    assert [p.name for p in out.parent.iterdir()] == [out.name]
+
+
+def test_bench_without_gpu_leaves_gpu_figures_null(bench_run):
+    _, result, _, _ = bench_run
+    assert result["preprocess"]["dali_gpu"] is None
+    assert result["ratios"]["dali_gpu_over_baseline"] is None
+    assert result["train_step"]["mfu"] is None  # no GPU peak on the CPU
+
+
+def test_ratios_are_quotients_of_the_same_run(bench_run):
+    _, result, _, _ = bench_run
+    base = result["preprocess"]["baseline"]["slices_per_s"]
+    cpu = result["preprocess"]["dali_cpu"]["slices_per_s"]
+    assert result["ratios"]["dali_cpu_over_baseline"] == pytest.approx(cpu / base, rel=1e-12)
+    # MB/s is the slice rate times the stored bytes of a 64x64 int16 slice
+    read = result["read"]
+    assert read["stored_dtype"] == "int16" and read["slice_shape"] == [64, 64]
+    assert read["mb_per_s"] == pytest.approx(read["slices_per_s"] * 64 * 64 * 2 / 1e6)
+
+
+def test_machine_and_config_are_recorded(bench_run):
+    _, result, stdout, _ = bench_run
+    machine = result["machine"]
+    assert isinstance(machine["cpu_model"], str) and machine["cpu_count"] >= 1
+    assert machine["gpu"] is None or isinstance(machine["gpu"], str)
+    for name in ("torch", "dali", "cupy", "zarr"):
+        assert isinstance(machine["versions"][name], str), name
+    cfg = result["config"]
+    assert cfg["bench"]["encoder"] == "mit_b0" and cfg["bench"]["size"] == 64
+    assert cfg["train"]["pipeline"]["size"] == 64 and cfg["train"]["model"]["encoder"] == "mit_b0"
+    assert cfg["data"]["slices"] == 16 and cfg["data"]["pool_dtype"] == "int16"
+    assert result["command"].startswith("tcsmae bench") and "--quick" in result["command"]
+    assert result["train_step"]["flops_per_pair"] > 1e6
+    assert "| preprocess | dali_cpu / baseline |" in stdout
+
+
+def test_markdown_table_marks_missing_figures():
+    result = {"machine": {"gpu": None, "cpu_model": "x", "cpu_count": 2},
+              "config": {"bench": {"workers": 2, "batch_size": 4, "encoder": "mit_b0", "size": 64,
+                                   "device": "cpu"}},
+              "read": {"slices_per_s": 12.5}, "preprocess": {"baseline": None}, "errors": {}}
+    table = bench.markdown_table(result)
+    assert "| read | slices/s, 1 process | 12.5 |" in table
+    assert "| preprocess | dali_gpu slices/s | - |" in table
+
+
+def test_bad_settings_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="multiple of 32"):
+        bench.BenchConfig(size=100)
+    with pytest.raises(UserError, match="--seconds"):
+        bench.BenchConfig(seconds=0)
+    assert main(["bench", "--data", str(tmp_path / "missing.zarr"), "--device", "cpu",
+                 "--out", str(tmp_path / "r.json")]) == 2
+    assert not (tmp_path / "r.json").exists()
