@@ -63,3 +63,35 @@ def cuda_available() -> bool:
 gpu = pytest.mark.gpu
 """Mark for tests that need CUDA; they skip where none is present (tests/conftest.py)."""
 requires_cuda = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU")
+
+
+def run_graph(hus: list, draws: list, cfg, device_id=None, labels=None, affines=None,
+              threads: int = 2) -> dict:
+    """One batch of in-memory slices through processing_graph -> dict of lists of arrays."""
+    from nvidia.dali import fn, pipeline_def
+
+    from tcsmae.pipelines.graph import processing_graph
+
+    @pipeline_def
+    def pipe():
+        hu = fn.external_source(source=lambda: hus, batch=True, layout="HW")
+        draw = fn.external_source(source=lambda: draws, batch=True)
+        label = None if labels is None else fn.external_source(source=lambda: labels,
+                                                               batch=True, layout="HW")
+        affine = None if affines is None else fn.external_source(source=lambda: affines,
+                                                                 batch=True)
+        out = processing_graph(hu, draw, cfg, device_id, affine=affine, label=label,
+                               cpu_threads=threads, with_hu=True)
+        names = ["original", "masked", "mask", "hu"] + (["label"] if labels is not None else [])
+        return tuple(out[n] for n in names)
+
+    p = pipe(batch_size=len(hus), num_threads=threads, device_id=device_id,
+             prefetch_queue_depth=1)
+    p.build()
+    outputs = p.run()
+    names = ["original", "masked", "mask", "hu", "label"]
+    result = {}
+    for name, tl in zip(names, outputs):
+        tl = tl.as_cpu() if hasattr(tl, "as_cpu") else tl
+        result[name] = [np.array(tl[i]) for i in range(len(tl))]
+    return result
