@@ -21,7 +21,6 @@ a column, ImageOrientationPatient[3:]), column 2 the slice normal.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import warnings
 from collections import defaultdict
@@ -176,19 +175,20 @@ def _scan_file(path: str | Path) -> ScanResult:
 
     path = str(path)
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+            f.seek(128)
+            has_magic = f.read(4) == b"DICM"
     except OSError as exc:
         return ScanResult(path, "unreadable", f"cannot read file: {exc}")
-    digest = hashlib.sha256(data).hexdigest()
-    has_magic = len(data) >= 132 and data[128:132] == b"DICM"
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), defer_size=1024)
+        ds = pydicom.dcmread(path, defer_size=1024)  # large values (pixel data) are skipped, not read
     except InvalidDicomError:
-        return ScanResult(path, "junk", "not a DICOM file", digest)
+        return ScanResult(path, "junk", "not a DICOM file (no DICM preamble)", digest)
     except Exception as exc:  # pydicom raises many types on corrupt input
         if has_magic:
             return ScanResult(path, "unreadable", f"corrupt or truncated DICOM ({type(exc).__name__}: {exc})", digest)
-        return ScanResult(path, "junk", "not a DICOM file", digest)
+        return ScanResult(path, "junk", "not a DICOM file (no DICM preamble)", digest)
     try:
         return _classify(ds, path, digest)
     except Exception as exc:  # a header value pydicom parsed but that makes no sense
@@ -425,7 +425,7 @@ def plan_series(scans: list[ScanResult]) -> tuple[list[SeriesPlan], list[Refusal
             if base:
                 case_id = base if len(ordered) == 1 else f"{base}_{index + 1}"
             else:
-                case_id = "dcm-" + _digest(sorted(h.sop_uid or sha_of[h.path] for h in stack))[:24]
+                case_id = "dcm-" + _digest(sorted({h.sop_uid or sha_of[h.path] for h in stack}))[:24]
             files = sorted({h.path for h in stack})
             plan = SeriesPlan(case_id, description, stack, _digest(sorted(sha_of[p] for p in files)))
             if len(ordered) > 1:
@@ -641,6 +641,8 @@ def _finish(hu, geometry, slices, messages, reader) -> SeriesVolume:
         extra["padding_hu"] = PADDING_HU
     if geometry.tilt_deg > 0:
         extra["tilt_deg"] = geometry.tilt_deg
+        # the true step between slices (LPS mm); `direction` column z stays the slice normal
+        extra["slice_step_mm"] = geometry.voxel_to_lps()[:3, 2].tolist()
     if any(h.frame is not None for h in slices):
         extra["multiframe"] = True
     return SeriesVolume(hu, geometry, slices, messages, extra)

@@ -232,6 +232,7 @@ def test_6_gantry_tilt_is_recorded_and_strict_fails(tmp_path, convert):
     assert attrs["tilt_deg"] == pytest.approx(tilt, abs=0.01)
     assert any("gantry tilt" in w for w in attrs["warnings"])
     assert attrs["spacing_mm"][0] == pytest.approx(2.0)  # along the normal
+    assert attrs["slice_step_mm"] == pytest.approx([0.0, 2.0 * np.tan(np.radians(tilt)), 2.0])
 
     code, out = convert(tmp_path / "tilt", "-o", tmp_path / "strict.zarr", "--strict")
     assert code == 1 and "tilt" in out
