@@ -27,6 +27,8 @@ from pathlib import Path
 HELP = "convert DICOM CT series (folders/files, recursive) into a tcsmae Zarr store of HU volumes"
 
 EXIT_OK, EXIT_NOTHING, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
+SCAN_IN_POOL_FROM = 400
+"""Scan headers in the worker pool only from this many files on (else in this process)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -168,16 +170,34 @@ class _InlinePool:
 
 
 def _pool(workers: int):
+    """A process pool whose workers are ready before any thread exists in this process.
+
+    On Linux the workers are forked right away (cheap: modules already imported), while this
+    process is still single-threaded (no zarr event loop, no progress-bar thread yet);
+    elsewhere they come from a forkserver (or spawn) with the converter modules preloaded.
+    """
     if workers == 1:
         return _InlinePool()
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    # forkserver/spawn, not fork: zarr keeps an event-loop thread that a forked child would lack
-    if "forkserver" in multiprocessing.get_all_start_methods():
+    import pydicom.pixels  # noqa: F401  (imported before forking: workers inherit them)
+    import zarr  # noqa: F401
+
+    import tcsmae.convert.dicom_series  # noqa: F401
+    import tcsmae.convert.label_alignment  # noqa: F401
+    import tcsmae.convert.store  # noqa: F401
+
+    methods = multiprocessing.get_all_start_methods()
+    if sys.platform.startswith("linux") and "fork" in methods:
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"))
+        pool.submit(os.getpid).result()  # with fork, all workers start at the first task
+        return pool
+    if "forkserver" in methods:
         context = multiprocessing.get_context("forkserver")
-        # workers fork from a server that has imported these once (not once per worker)
-        context.set_forkserver_preload(["numpy", "pydicom", "tcsmae.convert.dicom_series", "tcsmae.convert.store"])
+        context.set_forkserver_preload([
+            "numpy", "pydicom", "pydicom.pixels", "zarr", "tcsmae.convert.dicom_series", "tcsmae.convert.store"
+        ])
     else:
         context = multiprocessing.get_context("spawn")
     return ProcessPoolExecutor(max_workers=workers, mp_context=context)
@@ -188,8 +208,11 @@ def _scan(files: list[Path], pool) -> list:
 
     from tcsmae.convert.dicom_series import scan_file
 
+    # header scans take ~3 ms a file: below a few hundred files, starting workers costs more
+    mapper = pool.map if len(files) >= SCAN_IN_POOL_FROM else map
     chunk = max(1, min(64, len(files) // 32))
-    return list(tqdm(pool.map(scan_file, files, chunksize=chunk), total=len(files), desc="scanning", unit="file", disable=None, leave=False))
+    results = mapper(scan_file, files, chunksize=chunk) if mapper is pool.map else map(scan_file, files)
+    return list(tqdm(results, total=len(files), desc="scanning", unit="file", disable=None, leave=False))
 
 
 def _plan(jobs: list[Job], files_of_job: list[list[Path]], scan_of: dict) -> tuple[list, list[Outcome]]:
@@ -228,8 +251,9 @@ def _convert(todo: list, writer, pool, args) -> list[Outcome]:
     outcomes = []
     total = sum(len(p.slices) for p in todo)
     tasks = [(plan, str(args.output), args.codec, args.strict) for plan in todo]
+    results = pool.map(convert_series, tasks, chunksize=1) if len(tasks) > 1 else map(convert_series, tasks)
     with tqdm(total=total, desc="converting", unit="slice", disable=None) as bar:
-        for plan, outcome in zip(todo, pool.map(convert_series, tasks, chunksize=1)):
+        for plan, outcome in zip(todo, results):
             if outcome.status == "converted":
                 writer.commit_case(outcome.what, outcome.body_fraction, outcome.source_sha256)
             else:
