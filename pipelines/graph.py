@@ -1,24 +1,30 @@
-"""The processing graph: HU slices in, (original, masked, mask) out; one definition, both devices.
+"""The processing graph: HU slices in, packed (original, masked, mask, HU) out; one
+definition, both devices.
 
 `processing_graph(hu, draw, cfg, device_id)` is a plain function of DALI input nodes (the
 style of DALI's own examples); a thin `@pipeline_def` elsewhere adds the source
-(loader.py for the Zarr store, bench.py for in-memory batches). `device_id=None` builds the
-CPU path, an integer the GPU path:
+(loader.py for the Zarr store, throughput.py for in-memory batches). `device_id=None`
+builds the CPU path, an integer the GPU path. One python_function runs the whole
+per-slice transform on a batch:
 
-    step                      CPU path (one python_function,        GPU path
-                              batch split over threads)
-    [augment] affine warp     fn.warp_affine (native)               fn.warp_affine (native)
+    step                      CPU path (batch split over threads)   GPU path (CuPy kernels)
+    [augment] affine warp     fn.warp_affine (native, before)       fn.warp_affine (native)
     windows + Sobel edges     kernels.window_edges_numpy            window_edges_cupy (fused)
-    resize to size x size     torch antialiased bilinear            fn.resize (native)
-                              (= the reference)
-    mask, I_m = M * I_o       *_mask_apply_numpy                    *_mask_apply_cupy
+    resize to size x size     torch antialiased bilinear            resize_cupy (same tables
+                              (= the reference)                     as torch)
+    mask, I_m = M * I_o       *_mask_apply_numpy -> packed          *_mask_apply_cupy
     labels (fine-tuning)      fn.resize INTERP_NN (native)          fn.resize INTERP_NN
 
-Why: DALI's native CPU arithmetic measured about half the speed of a plain NumPy
-DataLoader on 2 cores, and DALI's CPU resize of the 4-channel 512 -> 256 stack ran ~3.7x
-slower than torch's; NumPy and torch release the GIL, so one chunk of the batch per thread
-runs in parallel. DALI's resize (GPU) equals torch's to ~1e-7 except in the outermost
-output pixel ring, where it replicates the border instead of renormalising the filter.
+Output: "packed" (8, H, W) float32 per sample, channels kernels.PACKED; split it with
+kernels.split_packed (views). Why one packed output: DALI converts every input and output
+sample of a python_function separately (DLPack), a per-sample Python cost that limits the
+GPU path; one function with 2 inputs and 1 output costs 3 conversions per sample instead of
+7 for window/resize/mask as three steps with separate outputs.
+Why NumPy and torch on the CPU: DALI's native CPU arithmetic measured about half the speed
+of a plain NumPy DataLoader on 2 cores, and DALI's CPU resize of the 4-channel 512 -> 256
+stack ran ~3.7x slower than torch's; NumPy and torch release the GIL, so one chunk of the
+batch per thread runs in parallel. (DALI's own resize replicates the border instead of
+dropping outside taps, so it differs from torch in the outermost output ring.)
 Randomness is never drawn here: `draw` comes from the source (masking.py).
 """
 
@@ -32,13 +38,6 @@ import numpy as np
 from . import kernels
 from .config import PipelineConfig
 from .resize import resize_bilinear
-
-
-def _group_by_shape(samples: list) -> dict[tuple, list[int]]:
-    groups: dict[tuple, list[int]] = {}
-    for i, s in enumerate(samples):
-        groups.setdefault((tuple(s.shape), str(s.dtype)), []).append(i)
-    return groups
 
 
 def _cupy_batch(samples: list):
@@ -60,10 +59,9 @@ def _cupy_batch(samples: list):
 
 
 class _BatchStep:
-    """Base of the python_function callables: runs a batched twin per group of equal shapes.
-
-    On the CPU a group is split into one chunk per thread (NumPy releases the GIL).
-    """
+    """Batching helpers of a python_function callable: stacking samples (a view on the GPU
+    when DALI's buffer is contiguous) and, on the CPU, one chunk per thread (NumPy and
+    torch release the GIL)."""
 
     def __init__(self, gpu: bool, threads: int):
         self.gpu = gpu
@@ -106,97 +104,69 @@ class _BatchStep:
         return np.concatenate(parts)
 
 
-class WindowEdges(_BatchStep):
-    """GPU python_function: list of (Y, X) HU -> list of (4, Y, X) float32 (window_edges_cupy)."""
+class Transform(_BatchStep):
+    """python_function: lists of (Y, X) HU and draws -> list of (8, H, W) packed float32.
 
-    def __init__(self, cfg: PipelineConfig, gpu: bool = True, threads: int = 1):
-        super().__init__(gpu, threads)
-        self.args = (cfg.lung_window, cfg.mediastinal_window, cfg.edge_scaling, cfg.edge_clip)
-
-    def _run(self, hu):
-        if self.gpu:
-            return kernels.window_edges_cupy(hu, *self.args)
-        return kernels.window_edges_numpy(hu, *self.args)
-
-    def __call__(self, hus: list) -> list:
-        out: list = [None] * len(hus)
-        for idx in _group_by_shape(hus).values():
-            batch = self._stack([hus[i] for i in idx])
-            stack = self._concat(self._map_chunks(self._run, batch))
-            for j, i in enumerate(idx):
-                out[i] = stack[j]
-        return out
-
-
-class ApplyMask(_BatchStep):
-    """python_function: (4, H, W) stacks and draws -> original, masked, mask (lists).
-
-    With `whole_transform=True` (CPU path) the inputs are (Y, X) HU slices instead, and the
-    whole transform (window_edges_numpy, torch resize, mask) runs per chunk of the batch.
+    Runs window_edges -> resize (if cfg.size > 0) -> mask apply on each group of samples
+    with equal shapes, as NumPy twins + torch split over threads (CPU) or CuPy kernels (GPU).
     """
 
-    def __init__(self, cfg: PipelineConfig, gpu: bool, threads: int = 1,
-                 whole_transform: bool = False, with_hu: bool = False):
+    def __init__(self, cfg: PipelineConfig, gpu: bool, threads: int = 1):
         super().__init__(gpu, threads)
-        self.with_hu = with_hu
+        self.window_args = (cfg.lung_window, cfg.mediastinal_window, cfg.edge_scaling,
+                            cfg.edge_clip)
+        self.size = cfg.size
         self.patch = cfg.masking == "patch"
         self.patch_size = cfg.patch_size
         self.hu_range = cfg.hu_range
-        self.size = cfg.size
-        self.whole_transform = whole_transform
-        self.window_args = (cfg.lung_window, cfg.mediastinal_window, cfg.edge_scaling,
-                            cfg.edge_clip)
 
-    def _run(self, stack, draw):
-        if self.whole_transform:
-            stack = kernels.window_edges_numpy(stack, *self.window_args)
+    def _run(self, hu, draw):
+        if self.gpu:
+            stack = kernels.window_edges_cupy(hu, *self.window_args)
             if self.size > 0:
-                stack = resize_bilinear(stack, self.size)
+                stack = kernels.resize_cupy(stack, self.size)
+            if self.patch:
+                return kernels.patch_mask_apply_cupy(stack, draw, self.patch_size)
+            return kernels.tissue_mask_apply_cupy(stack, draw, *self.hu_range)
+        stack = kernels.window_edges_numpy(hu, *self.window_args)
+        if self.size > 0:
+            stack = resize_bilinear(stack, self.size)
         if self.patch:
-            f = kernels.patch_mask_apply_cupy if self.gpu else kernels.patch_mask_apply_numpy
-            out = f(stack, draw, self.patch_size)
-        else:
-            f = kernels.tissue_mask_apply_cupy if self.gpu else kernels.tissue_mask_apply_numpy
-            out = f(stack, draw, *self.hu_range)
-        return out + (stack[:, 3:4].copy(),) if self.with_hu else out
+            return kernels.patch_mask_apply_numpy(stack, draw, self.patch_size)
+        return kernels.tissue_mask_apply_numpy(stack, draw, *self.hu_range)
 
-    def __call__(self, stacks: list, draws: list) -> tuple[list, ...]:
-        n = len(stacks)
-        n_out = 4 if self.with_hu else 3
-        outs = tuple([None] * n for _ in range(n_out))
+    def __call__(self, hus: list, draws: list) -> list:
+        out: list = [None] * len(hus)
         groups: dict[tuple, list[int]] = {}
-        for i, (s, d) in enumerate(zip(stacks, draws)):
-            groups.setdefault((tuple(s.shape), str(s.dtype), tuple(d.shape)), []).append(i)
+        for i, (h, d) in enumerate(zip(hus, draws)):
+            groups.setdefault((tuple(h.shape), str(h.dtype), tuple(d.shape)), []).append(i)
         for idx in groups.values():
-            stack = self._stack([stacks[i] for i in idx])
+            hu = self._stack([hus[i] for i in idx])
             if self.gpu:
                 import cupy as cp
 
                 draw = cp.stack([draws[i] for i in idx])
             else:
                 draw = np.stack([draws[i] for i in idx])
-            parts = self._map_chunks(self._run, stack, draw)
-            for o, arr in zip(outs, (self._concat([p[k] for p in parts]) for k in range(n_out))):
-                for j, i in enumerate(idx):
-                    o[i] = arr[j]
-        return outs
+            packed = self._concat(self._map_chunks(self._run, hu, draw))
+            for j, i in enumerate(idx):
+                out[i] = packed[j]
+        return out
 
 
 def processing_graph(hu, draw, cfg: PipelineConfig, device_id: int | None = None,
-                     affine=None, label=None, cpu_threads: int = 1, with_hu: bool = False
-                     ) -> dict:
+                     affine=None, label=None, cpu_threads: int = 1) -> dict:
     """Build the transform on DALI nodes.
 
     hu: node of (Y, X) float32|int16 HU, layout "HW" (already padded to a square when
         cfg.size > 0; the source does it). draw: node of (K,) uint8 or (GY, GX) uint8.
     affine: optional node of (2, 3) float32 destination-to-source matrices (augmentation).
-    label: optional node of (Y, X) int16 labels on the same grid (fine-tuning; DALI resize
-        takes no int32).
+    label: optional node of (Y, X) int16 labels on the same grid (fine-tuning; DALI's
+        resize takes no int32).
     device_id: None -> CPU path; an int -> GPU path (outputs in GPU memory).
-    cpu_threads: threads the NumPy twins split a batch over (CPU path).
-    with_hu: also return "hu", (1, H, W) float32 HU on the output grid (preview, tests).
-    Returns {"original": (3, H, W), "masked": (3, H, W), "mask": (1, H, W) float32 nodes,
-    and "label": (1, H, W) int16 when given}.
+    cpu_threads: threads the CPU path splits a batch over.
+    Returns {"packed": (8, H, W) float32 node (channels kernels.PACKED), and "label":
+    (1, H, W) int16 when given}.
     """
     from nvidia.dali import fn, types
 
@@ -219,23 +189,9 @@ def processing_graph(hu, draw, cfg: PipelineConfig, device_id: int | None = None
             label = fn.warp_affine(label, affine, fill_value=0, interp_type=types.INTERP_NN)
             label = fn.squeeze(label, axes=[2])
 
-    if gpu:
-        stack = fn.python_function(hu, function=WindowEdges(cfg), batch_processing=True,
-                                   device=device, output_layouts="CHW")
-        if cfg.size > 0:
-            stack = fn.resize(stack, size=[cfg.size, cfg.size], interp_type=types.INTERP_LINEAR,
-                              antialias=True, dtype=types.FLOAT, device=device)
-        step = ApplyMask(cfg, gpu=True, with_hu=with_hu)
-        inputs = (stack, draw)
-    else:
-        step = ApplyMask(cfg, gpu=False, threads=cpu_threads, whole_transform=True,
-                         with_hu=with_hu)
-        inputs = (hu, draw)
-    n_out = 4 if with_hu else 3
-    nodes = fn.python_function(*inputs, function=step, num_outputs=n_out,
-                               batch_processing=True, device=device,
-                               output_layouts=["CHW"] * n_out)
-    out = dict(zip(("original", "masked", "mask", "hu"), nodes))
+    packed = fn.python_function(hu, draw, function=Transform(cfg, gpu, cpu_threads),
+                                batch_processing=True, device=device, output_layouts="CHW")
+    out = {"packed": packed}
     if label is not None:
         label = fn.expand_dims(label, axes=[0], new_axis_names="C")       # (1, Y, X) CHW
         if cfg.size > 0:

@@ -7,13 +7,20 @@
         their maximum, fixed scaling (Eq. 6-9). HU rides along as channel 3 so one resize
         moves image and HU together (the mask is computed from the resized HU).
 
-    tissue_mask_apply_{numpy,cupy}(stack, chosen, lo, hi) -> (original, masked, mask)
-        stack (N, 4, H, W) float32, chosen (N, K) uint8 (1 = interval masked)
-        -> original (N, 3, H, W), masked = M * original, mask M (N, 1, H, W), float32.
-        Interval index in float64 exactly as masking.interval_index.
+    resize_{numpy,cupy}(stack, size) -> (N, C, size, size) float32
+        Antialiased bilinear resize, square to square, equal to torch's
+        interpolate(bilinear, antialias=True, align_corners=False) (the reference) to float
+        rounding: separable passes (x, then y) with the weight tables of `resize_weights`.
+        The CPU path calls torch itself (faster on the CPU than the table twin).
 
-    patch_mask_apply_{numpy,cupy}(stack, grid, patch_size) -> (original, masked, mask)
-        grid (N, GY, GX) uint8 (1 = patch masked); same outputs.
+    tissue_mask_apply_{numpy,cupy}(stack, chosen, lo, hi) -> packed
+        stack (N, 4, H, W) float32, chosen (N, K) uint8 (1 = interval masked)
+        -> packed (N, 8, H, W) float32, channels PACKED: original (3), masked = M * original
+        (3), mask M (1), HU (1). Interval index in float64 exactly as masking.interval_index.
+        One packed output per sample keeps DALI's per-sample Python overhead low.
+
+    patch_mask_apply_{numpy,cupy}(stack, grid, patch_size) -> packed
+        grid (N, GY, GX) uint8 (1 = patch masked); same output.
 
 The NumPy twins are what the CPU path runs; the references in windowing/edges/masking are
 the spec both are tested against. CuPy is imported only inside the *_cupy functions.
@@ -28,6 +35,63 @@ import numpy as np
 from .config import SOBEL_MAX
 
 _SCALINGS = {"clip": 0, "divide": 1}
+
+PACKED = ("lung", "mediastinal", "edge", "masked_lung", "masked_mediastinal", "masked_edge",
+          "mask", "hu")
+"""Channels of the packed output: original = 0:3, masked = 3:6, mask = 6:7, HU = 7:8."""
+
+
+def split_packed(packed) -> dict:
+    """packed (N, 8, H, W) NumPy array or torch tensor -> views original (N, 3, H, W),
+    masked (N, 3, H, W), mask (N, 1, H, W), hu (N, 1, H, W)."""
+    return {"original": packed[:, 0:3], "masked": packed[:, 3:6], "mask": packed[:, 6:7],
+            "hu": packed[:, 7:8]}
+
+
+@functools.lru_cache(maxsize=64)
+def resize_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Weight table of torch's antialiased bilinear resize along one axis.
+
+    Output pixel i sits at input coordinate c = s (i + 0.5), s = in/out; the triangle filter
+    has half-width max(s, 1) input pixels; taps j in [start_i, start_i + count_i) get weight
+    max(0, 1 - |(j + 0.5 - c) / max(s, 1)|), normalised to sum 1 (taps outside the image
+    are dropped, not clamped: this is where DALI's resize differs, in the border ring).
+    Returns start (out,) int32, count (out,) int32, weights (out, T) float32 (zero-padded).
+    """
+    scale = in_size / out_size
+    support = scale if scale >= 1.0 else 1.0
+    invscale = 1.0 / scale if scale >= 1.0 else 1.0
+    starts, counts, rows = [], [], []
+    for i in range(out_size):
+        centre = scale * (i + 0.5)
+        lo = max(int(centre - support + 0.5), 0)
+        n = min(int(centre + support + 0.5), in_size) - lo
+        w = np.maximum(0.0, 1.0 - np.abs((np.arange(n) + lo - centre + 0.5) * invscale))
+        total = w.sum()
+        starts.append(lo)
+        counts.append(n)
+        rows.append(w / total if total != 0 else w)
+    taps = max(counts)
+    weights = np.zeros((out_size, taps), dtype=np.float64)
+    for i, w in enumerate(rows):
+        weights[i, :len(w)] = w
+    return (np.array(starts, np.int32), np.array(counts, np.int32),
+            weights.astype(np.float32))
+
+
+def _resize_axis_numpy(x: np.ndarray, size: int, axis: int) -> np.ndarray:
+    start, count, weights = resize_weights(x.shape[axis], size)
+    idx = np.minimum(start[:, None] + np.arange(weights.shape[1]), x.shape[axis] - 1)
+    taken = np.take(x, idx, axis=axis)                 # axis -> (size, T)
+    taken = np.moveaxis(taken, (axis, axis + 1), (-2, -1))
+    out = (taken * weights).sum(axis=-1, dtype=np.float32)
+    return np.moveaxis(out, -1, axis)
+
+
+def resize_numpy(stack: np.ndarray, size: int) -> np.ndarray:
+    """NumPy twin of resize_cupy: stack (N, C, Y, X) float32 -> (N, C, size, size) float32."""
+    x = _resize_axis_numpy(np.asarray(stack, dtype=np.float32), size, axis=3)
+    return _resize_axis_numpy(x, size, axis=2)
 
 
 # --------------------------------------------------------------------------- NumPy twins
@@ -100,29 +164,37 @@ def window_edges_numpy(hu: np.ndarray, lung: tuple[float, float],
     return out
 
 
+def _pack_numpy(stack: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    n, _, h, w = stack.shape
+    packed = np.empty((n, 8, h, w), dtype=np.float32)
+    packed[:, 0:3] = stack[:, :3]
+    np.multiply(stack[:, :3], mask, out=packed[:, 3:6])
+    packed[:, 6:7] = mask
+    packed[:, 7] = stack[:, 3]
+    return packed
+
+
 def tissue_mask_apply_numpy(stack: np.ndarray, chosen: np.ndarray, lo: float, hi: float
-                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """NumPy twin. stack (N, 4, H, W) float32, chosen (N, K) uint8 -> original, masked, mask."""
+                            ) -> np.ndarray:
+    """NumPy twin. stack (N, 4, H, W) float32, chosen (N, K) uint8 -> packed (N, 8, H, W)."""
     n, _, h, w = stack.shape
     k = chosen.shape[1]
     scaled = (stack[:, 3].astype(np.float64) - float(lo)) * float(k) / (float(hi) - float(lo))
     idx = np.clip(np.floor(scaled), 0, k - 1).astype(np.intp)          # (N, H, W)
     keep = (1 - np.asarray(chosen, dtype=np.uint8)).astype(np.float32)  # (N, K)
     mask = np.take_along_axis(keep, idx.reshape(n, -1), axis=1).reshape(n, 1, h, w)
-    original = np.ascontiguousarray(stack[:, :3])
-    return original, original * mask, mask
+    return _pack_numpy(stack, mask)
 
 
 def patch_mask_apply_numpy(stack: np.ndarray, grid: np.ndarray, patch_size: int
-                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """NumPy twin. stack (N, 4, H, W) float32, grid (N, GY, GX) uint8 -> original, masked, mask."""
+                           ) -> np.ndarray:
+    """NumPy twin. stack (N, 4, H, W) float32, grid (N, GY, GX) uint8 -> packed (N, 8, H, W)."""
     _, _, h, w = stack.shape
     ys = np.arange(h) // patch_size
     xs = np.arange(w) // patch_size
     keep = (1 - np.asarray(grid, dtype=np.uint8)).astype(np.float32)
     mask = keep[:, ys[:, None], xs[None, :]][:, None]                    # (N, 1, H, W)
-    original = np.ascontiguousarray(stack[:, :3])
-    return original, original * mask, mask
+    return _pack_numpy(stack, mask)
 
 
 # --------------------------------------------------------------------------- CuPy kernels
@@ -185,9 +257,20 @@ extern "C" __global__ void window_edges_i16(const short* hu, float* out, int n, 
     window_edges_impl<short>(hu, out, n, h, w, ll, lw, ml, mw, scaling, clip_value, sobel_max);
 }
 
+__device__ __forceinline__ void write_packed(const float* s, float* packed, long long plane,
+                                             long long p, int b, float m) {
+    float* o = packed + (long long)b * 8 * plane + p;
+    for (int c = 0; c < 3; ++c) {
+        float v = s[c * plane];
+        o[c * plane] = v;
+        o[(c + 3) * plane] = v * m;
+    }
+    o[6 * plane] = m;
+    o[7 * plane] = s[3 * plane];
+}
+
 extern "C" __global__ void tissue_mask_apply(const float* __restrict__ stack,
-        const unsigned char* __restrict__ chosen, float* __restrict__ original,
-        float* __restrict__ masked, float* __restrict__ mask,
+        const unsigned char* __restrict__ chosen, float* __restrict__ packed,
         int n, int h, int w, int k, double lo, double hi) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     long long plane = (long long)h * w;
@@ -199,18 +282,11 @@ extern "C" __global__ void tissue_mask_apply(const float* __restrict__ stack,
     scaled = fmin(fmax(floor(scaled), 0.0), (double)(k - 1));
     int idx = (int)scaled;
     float m = chosen[(long long)b * k + idx] ? 0.f : 1.f;
-    long long o = (long long)b * 3 * plane + p;
-    for (int c = 0; c < 3; ++c) {
-        float v = s[c * plane];
-        original[o + c * plane] = v;
-        masked[o + c * plane] = v * m;
-    }
-    mask[(long long)b * plane + p] = m;
+    write_packed(s, packed, plane, p, b, m);
 }
 
 extern "C" __global__ void patch_mask_apply(const float* __restrict__ stack,
-        const unsigned char* __restrict__ grid, float* __restrict__ original,
-        float* __restrict__ masked, float* __restrict__ mask,
+        const unsigned char* __restrict__ grid, float* __restrict__ packed,
         int n, int h, int w, int gy, int gx, int patch_size) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     long long plane = (long long)h * w;
@@ -221,13 +297,41 @@ extern "C" __global__ void patch_mask_apply(const float* __restrict__ stack,
     int x = (int)(p - (long long)y * w);
     const float* s = stack + (long long)b * 4 * plane + p;
     float m = grid[((long long)b * gy + y / patch_size) * gx + x / patch_size] ? 0.f : 1.f;
-    long long o = (long long)b * 3 * plane + p;
-    for (int c = 0; c < 3; ++c) {
-        float v = s[c * plane];
-        original[o + c * plane] = v;
-        masked[o + c * plane] = v * m;
-    }
-    mask[(long long)b * plane + p] = m;
+    write_packed(s, packed, plane, p, b, m);
+}
+
+// Separable resize with weight tables (resize_weights): one thread per output element.
+// Along x: src (rows, in_w) -> dst (rows, out_w).
+extern "C" __global__ void resize_x(const float* __restrict__ src, float* __restrict__ dst,
+        long long rows, int in_w, int out_w, const int* __restrict__ start,
+        const int* __restrict__ count, const float* __restrict__ weights, int taps) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= rows * out_w) return;
+    long long row = i / out_w;
+    int j = (int)(i - row * out_w);
+    const float* s = src + row * in_w + start[j];
+    const float* wt = weights + (long long)j * taps;
+    float acc = 0.f;
+    for (int t = 0; t < count[j]; ++t) acc += wt[t] * s[t];
+    dst[i] = acc;
+}
+
+// Along y: src (planes, in_h, w) -> dst (planes, out_h, w).
+extern "C" __global__ void resize_y(const float* __restrict__ src, float* __restrict__ dst,
+        long long planes, int in_h, int out_h, int w, const int* __restrict__ start,
+        const int* __restrict__ count, const float* __restrict__ weights, int taps) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    long long per_plane = (long long)out_h * w;
+    if (i >= planes * per_plane) return;
+    long long plane = i / per_plane;
+    long long r = i - plane * per_plane;
+    int y = (int)(r / w);
+    int x = (int)(r - (long long)y * w);
+    const float* s = src + (plane * in_h + start[y]) * w + x;
+    const float* wt = weights + (long long)y * taps;
+    float acc = 0.f;
+    for (int t = 0; t < count[y]; ++t) acc += wt[t] * s[(long long)t * w];
+    dst[i] = acc;
 }
 """
 
@@ -238,7 +342,7 @@ _THREADS = 256
 def _module():
     import cupy as cp
 
-    return cp.RawModule(code=_CUDA_SOURCE, options=("--std=c++14",))
+    return cp.RawModule(code=_CUDA_SOURCE)
 
 
 def _launch(name: str, total: int, args: tuple) -> None:
@@ -270,34 +374,57 @@ def window_edges_cupy(hu, lung: tuple[float, float], mediastinal: tuple[float, f
 
 
 def tissue_mask_apply_cupy(stack, chosen, lo: float, hi: float):
-    """CuPy twin of tissue_mask_apply_numpy (same shapes, cupy arrays)."""
+    """CuPy twin of tissue_mask_apply_numpy: -> packed (N, 8, H, W) float32 cupy array."""
     import cupy as cp
 
     stack = cp.ascontiguousarray(stack, dtype=cp.float32)
     chosen = cp.ascontiguousarray(chosen, dtype=cp.uint8)
     n, _, h, w = stack.shape
-    k = chosen.shape[1]
-    original = cp.empty((n, 3, h, w), dtype=cp.float32)
-    masked = cp.empty_like(original)
-    mask = cp.empty((n, 1, h, w), dtype=cp.float32)
+    packed = cp.empty((n, 8, h, w), dtype=cp.float32)
     _launch("tissue_mask_apply", n * h * w, (
-        stack, chosen, original, masked, mask, np.int32(n), np.int32(h), np.int32(w),
-        np.int32(k), np.float64(lo), np.float64(hi)))
-    return original, masked, mask
+        stack, chosen, packed, np.int32(n), np.int32(h), np.int32(w),
+        np.int32(chosen.shape[1]), np.float64(lo), np.float64(hi)))
+    return packed
 
 
 def patch_mask_apply_cupy(stack, grid, patch_size: int):
-    """CuPy twin of patch_mask_apply_numpy (same shapes, cupy arrays)."""
+    """CuPy twin of patch_mask_apply_numpy: -> packed (N, 8, H, W) float32 cupy array."""
     import cupy as cp
 
     stack = cp.ascontiguousarray(stack, dtype=cp.float32)
     grid = cp.ascontiguousarray(grid, dtype=cp.uint8)
     n, _, h, w = stack.shape
-    gy, gx = grid.shape[1], grid.shape[2]
-    original = cp.empty((n, 3, h, w), dtype=cp.float32)
-    masked = cp.empty_like(original)
-    mask = cp.empty((n, 1, h, w), dtype=cp.float32)
+    packed = cp.empty((n, 8, h, w), dtype=cp.float32)
     _launch("patch_mask_apply", n * h * w, (
-        stack, grid, original, masked, mask, np.int32(n), np.int32(h), np.int32(w),
-        np.int32(gy), np.int32(gx), np.int32(patch_size)))
-    return original, masked, mask
+        stack, grid, packed, np.int32(n), np.int32(h), np.int32(w),
+        np.int32(grid.shape[1]), np.int32(grid.shape[2]), np.int32(patch_size)))
+    return packed
+
+
+@functools.lru_cache(maxsize=64)
+def _weights_on_device(in_size: int, out_size: int, device_id: int):
+    import cupy as cp
+
+    start, count, weights = resize_weights(in_size, out_size)
+    return cp.asarray(start), cp.asarray(count), cp.asarray(weights), weights.shape[1]
+
+
+def resize_cupy(stack, size: int):
+    """CuPy twin of resize_numpy: stack (N, C, Y, X) float32 cupy -> (N, C, size, size)."""
+    import cupy as cp
+
+    stack = cp.ascontiguousarray(stack, dtype=cp.float32)
+    n, c, h, w = stack.shape
+    device = cp.cuda.Device().id
+    start, count, weights, taps = _weights_on_device(w, size, device)
+    tmp = cp.empty((n, c, h, size), dtype=cp.float32)
+    rows = n * c * h
+    _launch("resize_x", rows * size, (stack, tmp, np.int64(rows), np.int32(w), np.int32(size),
+                                      start, count, weights, np.int32(taps)))
+    start, count, weights, taps = _weights_on_device(h, size, device)
+    out = cp.empty((n, c, size, size), dtype=cp.float32)
+    planes = n * c
+    _launch("resize_y", planes * size * size, (tmp, out, np.int64(planes), np.int32(h),
+                                               np.int32(size), np.int32(size), start, count,
+                                               weights, np.int32(taps)))
+    return out

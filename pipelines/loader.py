@@ -24,6 +24,7 @@ from tcsmae.errors import UserError
 
 from .config import PipelineConfig
 from .graph import processing_graph
+from .kernels import split_packed
 from .source import SliceSource
 
 _LAYOUTS = {"hu": "HW", "draw": None, "case_index": None, "z": None, "affine": None,
@@ -40,12 +41,12 @@ def _start_method(gpu: bool) -> str:
 
 
 def build_pipeline(source, cfg: PipelineConfig, batch_size: int, device_id: int | None,
-                   num_threads: int = 2, py_workers: int = 1, prefetch: int = 2,
-                   outputs: tuple[str, ...] = ("original", "masked", "mask")):
+                   num_threads: int = 2, py_workers: int = 1, prefetch: int = 2):
     """A DALI pipeline: `source` (SliceSource-like batch callable) -> processing_graph.
 
-    Outputs, in order: `outputs` (graph names), then case_index, z (and label if the
-    source has labels). py_workers = 0 runs the source in the main process.
+    Outputs, in order: packed (8, H, W) float32 (kernels.PACKED), case_index (1,), z (1,),
+    and label (1, H, W) int16 if the source has labels. py_workers = 0 runs the source in
+    the main process.
     """
     from nvidia.dali import fn, pipeline_def
 
@@ -59,8 +60,8 @@ def build_pipeline(source, cfg: PipelineConfig, batch_size: int, device_id: int 
         node = dict(zip(names, nodes))
         graph = processing_graph(node["hu"], node["draw"], cfg, device_id,
                                  affine=node.get("affine"), label=node.get("label"),
-                                 cpu_threads=num_threads, with_hu="hu" in outputs)
-        result = [graph[o] for o in outputs] + [node["case_index"], node["z"]]
+                                 cpu_threads=num_threads)
+        result = [graph["packed"], node["case_index"], node["z"]]
         if "label" in graph:
             result.append(graph["label"])
         return tuple(result)
@@ -125,7 +126,7 @@ class SliceLoader:
                              self.world_size, self.epoch, self.step, self.with_labels)
         pipe = build_pipeline(source, self.cfg, self.batch_size, self.device_id,
                               self.num_threads, self.py_workers, self.prefetch)
-        names = ["original", "masked", "mask", "case_index", "z"]
+        names = ["packed", "case_index", "z"]
         if self.with_labels:
             names.append("label")
         self._iterator = DALIGenericIterator(pipe, names, auto_reset=True,
@@ -136,10 +137,11 @@ class SliceLoader:
         import torch
 
         dtype = getattr(torch, self.cfg.dtype)
+        parts = split_packed(data["packed"])
         batch = {
-            "original": data["original"].to(dtype),
-            "masked": data["masked"].to(dtype),
-            "mask": data["mask"],
+            "original": parts["original"].to(dtype),
+            "masked": parts["masked"].to(dtype),
+            "mask": parts["mask"],
             "case_index": data["case_index"].reshape(-1).to(torch.int64),
             "z": data["z"].reshape(-1).to(torch.int64),
         }

@@ -42,13 +42,13 @@ def preview_batch(store_path, cfg, n: int, device: str = "cpu") -> dict:
 
     Keys: hu (H, W), original (3, H, W), masked (3, H, W), mask (H, W), case_index, z.
     """
+    from .kernels import split_packed
     from .loader import build_pipeline
     from .source import SliceSource
 
     source = SliceSource(store_path, cfg, batch_size=n)
     device_id = 0 if device == "cuda" else None
-    pipe = build_pipeline(source, cfg, n, device_id, num_threads=2, py_workers=0,
-                          outputs=("original", "masked", "mask", "hu"))
+    pipe = build_pipeline(source, cfg, n, device_id, num_threads=2, py_workers=0)
     pipe.build()
     outputs = pipe.run()
 
@@ -56,10 +56,12 @@ def preview_batch(store_path, cfg, n: int, device: str = "cpu") -> dict:
         tl = tl.as_cpu() if hasattr(tl, "as_cpu") else tl
         return [np.array(tl[i]) for i in range(len(tl))]
 
-    original, masked, mask, hu, case, z = (arrays(o) for o in outputs[:6])
-    return {"original": original, "masked": masked, "mask": [m[0] for m in mask],
-            "hu": [h[0] for h in hu], "case_index": [int(c[0]) for c in case],
-            "z": [int(v[0]) for v in z]}
+    packed, case, z = (arrays(o) for o in outputs[:3])
+    parts = [split_packed(p[None]) for p in packed]
+    return {"original": [p["original"][0] for p in parts],
+            "masked": [p["masked"][0] for p in parts],
+            "mask": [p["mask"][0, 0] for p in parts], "hu": [p["hu"][0, 0] for p in parts],
+            "case_index": [int(c[0]) for c in case], "z": [int(v[0]) for v in z]}
 
 
 def draw_grid(batch: dict, path: Path, title: str) -> None:

@@ -59,7 +59,7 @@ class _Cycle:
 
 def memory_pipeline(batches, draws, cfg: PipelineConfig, device_id: int | None, threads: int,
                     prefetch: int = 2):
-    """DALI pipeline over in-memory HU batches -> (original, masked, mask)."""
+    """DALI pipeline over in-memory HU batches -> packed (8, H, W) per sample."""
     from nvidia.dali import fn, pipeline_def
 
     from .graph import processing_graph
@@ -68,8 +68,7 @@ def memory_pipeline(batches, draws, cfg: PipelineConfig, device_id: int | None, 
     def pipe():
         hu, draw = fn.external_source(source=_Cycle(batches, draws), num_outputs=2, batch=True,
                                       no_copy=True, layout=["HW", None])
-        out = processing_graph(hu, draw, cfg, device_id, cpu_threads=threads)
-        return out["original"], out["masked"], out["mask"]
+        return processing_graph(hu, draw, cfg, device_id, cpu_threads=threads)["packed"]
 
     return pipe(batch_size=len(batches[0]), num_threads=threads, device_id=device_id,
                 prefetch_queue_depth=prefetch, seed=cfg.seed)
@@ -84,7 +83,7 @@ def _time_dali(pipe, batch_size: int, seconds: float, gpu: bool) -> float:
         out = pipe.run()
         count += batch_size
     if gpu:
-        np.asarray(out[2].as_cpu()[0])            # wait for the last batch
+        np.asarray(out[0].as_cpu()[0])            # wait for the last batch
     elapsed = time.perf_counter() - start
     return count / elapsed
 

@@ -67,10 +67,12 @@ requires_cuda = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GP
 
 def run_graph(hus: list, draws: list, cfg, device_id=None, labels=None, affines=None,
               threads: int = 2) -> dict:
-    """One batch of in-memory slices through processing_graph -> dict of lists of arrays."""
+    """One batch of in-memory slices through processing_graph -> dict of lists of arrays:
+    original (3, H, W), masked (3, H, W), mask (1, H, W), hu (1, H, W), [label (1, H, W)]."""
     from nvidia.dali import fn, pipeline_def
 
     from tcsmae.pipelines.graph import processing_graph
+    from tcsmae.pipelines.kernels import split_packed
 
     @pipeline_def
     def pipe():
@@ -81,17 +83,21 @@ def run_graph(hus: list, draws: list, cfg, device_id=None, labels=None, affines=
         affine = None if affines is None else fn.external_source(source=lambda: affines,
                                                                  batch=True)
         out = processing_graph(hu, draw, cfg, device_id, affine=affine, label=label,
-                               cpu_threads=threads, with_hu=True)
-        names = ["original", "masked", "mask", "hu"] + (["label"] if labels is not None else [])
-        return tuple(out[n] for n in names)
+                               cpu_threads=threads)
+        return (out["packed"], out["label"]) if labels is not None else out["packed"]
 
     p = pipe(batch_size=len(hus), num_threads=threads, device_id=device_id,
              prefetch_queue_depth=1)
     p.build()
     outputs = p.run()
-    names = ["original", "masked", "mask", "hu", "label"]
-    result = {}
-    for name, tl in zip(names, outputs):
+
+    def arrays(tl):
         tl = tl.as_cpu() if hasattr(tl, "as_cpu") else tl
-        result[name] = [np.array(tl[i]) for i in range(len(tl))]
+        return [np.array(tl[i]) for i in range(len(tl))]
+
+    packed = arrays(outputs[0])
+    result = {k: [split_packed(a[None])[k][0] for a in packed]
+              for k in ("original", "masked", "mask", "hu")}
+    if labels is not None:
+        result["label"] = arrays(outputs[1])
     return result

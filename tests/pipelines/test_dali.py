@@ -1,11 +1,10 @@
 """DALI pipelines against the reference (CPU path) and against each other (GPU, marked gpu).
 
 Tolerances: without resize, windows and masks are exact and edges agree to float rounding
-(1e-6). The CPU path resizes with torch (the reference itself): to 1e-5, and at most 0.1 %
-of mask pixels flipped. DALI's GPU resize equals torch's away from the border (1e-5 here)
-but replicates the border in the outermost output ring (up to ~0.1 on noise); resize
-differences can move a pixel's HU across an interval boundary, so GPU-vs-CPU masks may
-differ in a bounded fraction of pixels (stated per test).
+(1e-6). The CPU path resizes with torch (the reference itself), the GPU path with the same
+weight tables in CuPy: images to 1e-5, HU to 1e-2, and since a float-rounding difference
+in the resized HU can move a pixel across an interval boundary, at most 0.1 % of mask
+pixels may flip.
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ def _check_against_reference(got, hus, draws, cfg, atol, max_flipped):
     for i, (hu, draw) in enumerate(zip(hus, draws)):
         ref = preprocess_slice(hu, draw, cfg)
         np.testing.assert_allclose(got["original"][i], ref["original"], atol=atol)
-        np.testing.assert_allclose(got["hu"][i][0], ref["hu"], atol=atol * 1e3)
+        np.testing.assert_allclose(got["hu"][i][0], ref["hu"], atol=1e-2)
         flipped = (got["mask"][i][0] != ref["mask"]).mean()
         assert flipped <= max_flipped
         assert np.array_equal(got["masked"][i], got["original"][i] * got["mask"][i])
@@ -146,11 +145,9 @@ def test_gpu_pipeline_equals_cpu_with_resize(integer):
     cpu = run_graph(hus, draws, cfg)
     gpu_out = run_graph(hus, draws, cfg, device_id=0)
     for i in range(4):
-        g, c = gpu_out["original"][i], cpu["original"][i]
-        np.testing.assert_allclose(g[:, 1:-1, 1:-1], c[:, 1:-1, 1:-1], atol=1e-5)
-        np.testing.assert_allclose(g, c, atol=0.15)               # border ring
-        flipped = gpu_out["mask"][i][0] != cpu["mask"][i][0]
-        assert flipped[1:-1, 1:-1].mean() <= 2e-3 and flipped.mean() <= 0.02
+        np.testing.assert_allclose(gpu_out["original"][i], cpu["original"][i], atol=1e-5)
+        np.testing.assert_allclose(gpu_out["hu"][i], cpu["hu"][i], atol=1e-2)
+        assert (gpu_out["mask"][i] != cpu["mask"][i]).mean() <= 1e-3
 
 
 @gpu
@@ -162,8 +159,7 @@ def test_gpu_pipeline_equals_cpu_on_real_series(real_hu):
     cpu = run_graph(hus, draws, cfg)
     gpu_out = run_graph(hus, draws, cfg, device_id=0)
     for i in range(len(hus)):
-        np.testing.assert_allclose(gpu_out["original"][i][:, 1:-1, 1:-1],
-                                   cpu["original"][i][:, 1:-1, 1:-1], atol=1e-5)
+        np.testing.assert_allclose(gpu_out["original"][i], cpu["original"][i], atol=1e-5)
         assert (gpu_out["mask"][i] != cpu["mask"][i]).mean() <= 1e-3
 
 
@@ -182,4 +178,4 @@ def test_gpu_loader_yields_cuda_tensors(tiny_store):
     assert batch["mask"].is_cuda and batch["z"].shape == (4,)
     assert torch.equal(batch["z"].cpu(), ref["z"])
     flipped = (batch["mask"].cpu() != ref["mask"]).float().mean()
-    assert flipped <= 0.02
+    assert flipped <= 1e-3

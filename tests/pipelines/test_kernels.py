@@ -59,8 +59,11 @@ def test_tissue_mask_apply_numpy_matches_reference():
     rng = np.random.default_rng(3)
     stack = _random_stack(rng)
     chosen = np.stack([masking.draw_intervals(rng, 8, 6) for _ in range(3)])
-    original, masked, mask = kernels.tissue_mask_apply_numpy(stack, chosen, -1000, 500)
-    assert original.shape == (3, 3, 20, 24) and mask.shape == (3, 1, 20, 24)
+    packed = kernels.tissue_mask_apply_numpy(stack, chosen, -1000, 500)
+    assert packed.shape == (3, 8, 20, 24) and packed.dtype == np.float32
+    parts = kernels.split_packed(packed)
+    original, masked, mask = parts["original"], parts["masked"], parts["mask"]
+    assert np.array_equal(parts["hu"][:, 0], stack[:, 3])
     for i in range(3):
         ref = masking.tissue_mask(stack[i, 3], chosen[i], -1000, 500)
         assert np.array_equal(mask[i, 0], ref)
@@ -72,11 +75,29 @@ def test_patch_mask_apply_numpy_matches_reference():
     rng = np.random.default_rng(4)
     stack = _random_stack(rng, h=20, w=24)
     grids = np.stack([masking.draw_patches(rng, (3, 3), 0.75) for _ in range(3)])
-    original, masked, mask = kernels.patch_mask_apply_numpy(stack, grids, 8)
+    parts = kernels.split_packed(kernels.patch_mask_apply_numpy(stack, grids, 8))
+    masked, mask = parts["masked"], parts["mask"]
     for i in range(3):
         ref = masking.patch_mask(grids[i], 8, (20, 24))
         assert np.array_equal(mask[i, 0], ref)
         assert np.array_equal(masked[i], stack[i, :3] * ref)
+
+
+@pytest.mark.parametrize("in_size, out_size", [(512, 256), (48, 32), (100, 37), (5, 12), (7, 7)])
+def test_resize_numpy_matches_torch_reference(in_size, out_size):
+    from tcsmae.pipelines.resize import resize_bilinear
+
+    x = np.random.default_rng(8).uniform(0, 1, (2, 3, in_size, in_size)).astype(np.float32)
+    np.testing.assert_allclose(kernels.resize_numpy(x, out_size), resize_bilinear(x, out_size),
+                               atol=2e-6)
+
+
+def test_resize_weights_by_hand():
+    # 4 -> 2: output 0 at input coordinate 1.0, half-width 2: taps 0, 1, 2 at 0.75/0.75/0.25
+    start, count, weights = kernels.resize_weights(4, 2)
+    assert start.tolist() == [0, 1] and count.tolist() == [3, 3]
+    np.testing.assert_allclose(weights[0], np.array([0.75, 0.75, 0.25]) / 1.75, rtol=1e-6)
+    np.testing.assert_allclose(weights.sum(axis=1), 1.0, rtol=1e-6)
 
 
 # ------------------------------------------------------------------ GPU twins
@@ -122,8 +143,7 @@ def test_tissue_mask_apply_cupy_matches_numpy(real_hu):
         chosen = np.stack([masking.draw_intervals(rng, 8, 6) for _ in range(len(stack))])
         got = kernels.tissue_mask_apply_cupy(cp.asarray(stack), cp.asarray(chosen), -1000, 500)
         want = kernels.tissue_mask_apply_numpy(stack, chosen, -1000, 500)
-        for g, w in zip(got, want):
-            assert np.array_equal(cp.asnumpy(g), w)
+        assert np.array_equal(cp.asnumpy(got), want)
 
 
 @gpu
@@ -135,8 +155,23 @@ def test_patch_mask_apply_cupy_matches_numpy():
     grids = np.stack([masking.draw_patches(rng, (3, 3), 0.5) for _ in range(3)])
     got = kernels.patch_mask_apply_cupy(cp.asarray(stack), cp.asarray(grids), 16)
     want = kernels.patch_mask_apply_numpy(stack, grids, 16)
-    for g, w in zip(got, want):
-        assert np.array_equal(cp.asnumpy(g), w)
+    assert np.array_equal(cp.asnumpy(got), want)
+
+
+@gpu
+@requires_cuda
+@pytest.mark.parametrize("in_size, out_size", [(512, 256), (48, 32), (100, 37), (5, 12)])
+def test_resize_cupy_matches_numpy(in_size, out_size, real_hu):
+    cp = _cp()
+    x = np.random.default_rng(9).uniform(-1000, 1000, (3, 4, in_size, in_size))
+    x = x.astype(np.float32)
+    got = cp.asnumpy(kernels.resize_cupy(cp.asarray(x), out_size))
+    np.testing.assert_allclose(got, kernels.resize_numpy(x, out_size), rtol=1e-6, atol=1e-3)
+    stack = kernels.window_edges_numpy(real_hu, LUNG, MED, "clip", 1.0)
+    got = cp.asnumpy(kernels.resize_cupy(cp.asarray(stack), 256))
+    want = kernels.resize_numpy(stack, 256)
+    np.testing.assert_allclose(got[:, :3], want[:, :3], atol=1e-6)
+    np.testing.assert_allclose(got[:, 3], want[:, 3], atol=1e-3)          # HU
 
 
 @gpu

@@ -121,7 +121,12 @@ def test_resume_gives_the_same_following_batches(tiny_store):
     assert sum(not torch.equal(epoch0[k], epoch1[k]) for k in common) >= len(common) // 2
 
 
-def test_parallel_workers_give_the_same_batches(tiny_store):
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_parallel_workers_give_the_same_batches(tiny_store, monkeypatch, start_method):
+    # spawn is what the GPU path uses (CUDA forbids fork); the source must pickle
+    from tcsmae.pipelines import loader as loader_module
+
+    monkeypatch.setattr(loader_module, "_start_method", lambda gpu: start_method)
     path, _ = tiny_store
     cfg = PipelineConfig(size=32)
     serial = _collect(make_loader(path, cfg, batch_size=6, py_workers=0, num_threads=1), 4)
