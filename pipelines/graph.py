@@ -142,12 +142,7 @@ class Transform(_BatchStep):
             groups.setdefault((tuple(h.shape), str(h.dtype), tuple(d.shape)), []).append(i)
         for idx in groups.values():
             hu = self._stack([hus[i] for i in idx])
-            if self.gpu:
-                import cupy as cp
-
-                draw = cp.stack([draws[i] for i in idx])
-            else:
-                draw = np.stack([draws[i] for i in idx])
+            draw = self._stack([draws[i] for i in idx])
             packed = self._concat(self._map_chunks(self._run, hu, draw))
             for j, i in enumerate(idx):
                 out[i] = packed[j]

@@ -134,19 +134,20 @@ class SliceLoader:
         self._built_at = (self.epoch, self.step)
 
     def _convert(self, data: dict) -> dict:
+        """DALI's tensors (reused by its iterator after a few batches) -> fresh tensors."""
         import torch
 
         dtype = getattr(torch, self.cfg.dtype)
         parts = split_packed(data["packed"])
         batch = {
-            "original": parts["original"].to(dtype),
-            "masked": parts["masked"].to(dtype),
-            "mask": parts["mask"],
-            "case_index": data["case_index"].reshape(-1).to(torch.int64),
-            "z": data["z"].reshape(-1).to(torch.int64),
+            "original": parts["original"].to(dtype, copy=True).contiguous(),
+            "masked": parts["masked"].to(dtype, copy=True).contiguous(),
+            "mask": parts["mask"].to(torch.float32, copy=True).contiguous(),
+            "case_index": data["case_index"].reshape(-1).to(torch.int64, copy=True),
+            "z": data["z"].reshape(-1).to(torch.int64, copy=True),
         }
         if self.with_labels:
-            batch["label"] = data["label"][:, 0].to(torch.int64)
+            batch["label"] = data["label"][:, 0].to(torch.int64, copy=True)
         return batch
 
     def __iter__(self):

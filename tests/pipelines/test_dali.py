@@ -179,3 +179,23 @@ def test_gpu_loader_yields_cuda_tensors(tiny_store):
     assert torch.equal(batch["z"].cpu(), ref["z"])
     flipped = (batch["mask"].cpu() != ref["mask"]).float().mean()
     assert flipped <= 1e-3
+
+
+def test_gpu_branch_plumbing_with_numpy_stand_ins(monkeypatch):
+    """The GPU branch of Transform (grouping, batching, kernel order) run on the CPU with
+    each CuPy kernel replaced by its NumPy twin; the kernels themselves are tested on a GPU."""
+    from tcsmae.pipelines import graph, kernels
+
+    monkeypatch.setattr(graph, "_cupy_batch", np.stack)
+    for name in ("window_edges", "resize", "tissue_mask_apply", "patch_mask_apply"):
+        monkeypatch.setattr(kernels, f"{name}_cupy", getattr(kernels, f"{name}_numpy"))
+    for mode in ("tissue", "patch"):
+        cfg = PipelineConfig(size=32, masking=mode)
+        hus, draws = _inputs(cfg, [(48, 48), (40, 48), (48, 48)], integer=True)
+        hus[1] = hus[1].astype(np.int16)                     # mixed dtypes -> two groups
+        gpu_like = graph.Transform(cfg, gpu=True)(hus, draws)
+        cpu = graph.Transform(cfg, gpu=False, threads=2)(hus, draws)
+        for g, c in zip(gpu_like, cpu):
+            assert g.shape == (8, 32, 32)
+            np.testing.assert_allclose(g[:6], c[:6], atol=1e-5)
+            assert (g[6] != c[6]).mean() <= 1e-3
