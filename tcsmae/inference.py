@@ -56,24 +56,48 @@ def classes_from_logits(logits: torch.Tensor, threshold: float = 0.5) -> torch.T
     """(N, C, ...) logits -> (N, ...) int64 class index: C == 1 sigmoid > threshold, else argmax."""
     if logits.shape[1] == 1:
         return (torch.sigmoid(logits[:, 0]) > threshold).long()
-    return logits.argmax(dim=1)
+    return logits.max(dim=1).indices  # same as argmax, several times faster on the CPU
+
+
+def volume_input(hu, cfg: PipelineConfig) -> np.ndarray:
+    """Every slice of a volume as the network sees it.
+
+    hu: (Z, Y, X) HU (int16 or float32, or a zarr array). Returns (Z, 3, size, size) float32.
+    """
+    return np.stack([model_input(np.asarray(s, dtype=np.float32), cfg) for s in hu[:]])
 
 
 @torch.no_grad()
-def segment_volume(model: torch.nn.Module, hu: np.ndarray, cfg: PipelineConfig,
+def segment_inputs(model: torch.nn.Module, images: np.ndarray, shape: tuple[int, int],
+                   device: torch.device | str = "cpu", batch_size: int = 16,
+                   threshold: float = 0.5) -> np.ndarray:
+    """Segment prepared slices and put the result on the stored grid.
+
+    model: network mapping (B, 3, size, size) in 0..1 to logits (B, C, size, size), in eval
+    mode. images: (Z, 3, size, size) float32 from `volume_input`. shape: stored (Y, X).
+    Returns (Z, Y, X) uint8 class indices on the stored grid (0 = background).
+    """
+    y, x = shape
+    out = np.zeros((len(images), y, x), np.uint8)
+    for start in range(0, len(images), batch_size):
+        block = torch.from_numpy(images[start:start + batch_size]).to(device)
+        logits = logits_to_stored_grid(model(block), (y, x))  # (b, C, Y, X)
+        out[start:start + len(block)] = classes_from_logits(logits, threshold).cpu().numpy()
+    return out
+
+
+def segment_volume(model: torch.nn.Module, hu, cfg: PipelineConfig,
                    device: torch.device | str = "cpu", batch_size: int = 16,
                    threshold: float = 0.5) -> np.ndarray:
     """Segment every slice of a stored volume.
 
-    model: network mapping (B, 3, size, size) in 0..1 to logits (B, C, size, size); it is
-    put in eval mode by the caller. hu: (Z, Y, X) HU (int16 or float32, or a zarr array).
-    Returns (Z, Y, X) int64 class indices on the stored grid (0 = background).
+    model: as in `segment_inputs`. hu: (Z, Y, X) HU (int16 or float32, or a zarr array).
+    Returns (Z, Y, X) uint8 class indices on the stored grid (0 = background).
     """
     z_count, y, x = hu.shape
-    out = np.zeros((z_count, y, x), np.int64)
+    out = np.zeros((z_count, y, x), np.uint8)
     for start in range(0, z_count, batch_size):
-        block = np.asarray(hu[start:start + batch_size], dtype=np.float32)  # (b, Y, X)
-        images = torch.from_numpy(np.stack([model_input(s, cfg) for s in block])).to(device)
-        logits = logits_to_stored_grid(model(images), (y, x))  # (b, C, Y, X)
-        out[start:start + len(block)] = classes_from_logits(logits, threshold).cpu().numpy()
+        images = volume_input(hu[start:start + batch_size], cfg)
+        out[start:start + len(images)] = segment_inputs(model, images, (y, x), device, batch_size,
+                                                        threshold)
     return out
