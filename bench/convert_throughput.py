@@ -1,12 +1,11 @@
 """Benchmark (not a test): DICOM -> Zarr converter throughput in slices/s.
 
-    .venv/bin/python bench/convert_throughput.py [--copies 4] [--phantom-cases 4]
-        [--phantom-slices 32] [--phantom-dir DIR] [--workers 1 2] [--codec zstd]
+    .venv/bin/python bench/convert_throughput.py [--copies 4] [--phantom-cases 2]
+        [--phantom-slices 40] [--phantom-dir DIR] [--workers 1 2] [--repeat 2] [--codec zstd]
 
-Two inputs:
-- the real JPEG 2000 series of ../shared/data (20 slices, 512x512), copied `--copies` times
-  with fresh UIDs so that there are several series for the workers to share (the pixel
-  data stays the original JPEG 2000 codestream);
+Two inputs, each series copied `--copies` times with fresh UIDs so that there are several
+series for the workers to share (pixel data bytes unchanged):
+- the real JPEG 2000 series of ../shared/data (20 slices, 512x512);
 - uncompressed 512x512 phantom series from `tcsmae phantom` (or an existing `--phantom-dir`).
 
 Each input is converted into a fresh store with 1 and with 2 workers, by the real command
@@ -31,14 +30,11 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = (REPO / ".." / "shared" / "data").resolve()
 
 
-def copy_real_series(dst: Path, copies: int) -> int:
-    """Write `copies` copies of the real series with new UIDs; returns the slice count."""
+def copy_series(files: list[Path], dst: Path, copies: int) -> None:
+    """Write `copies` copies of one series with fresh UIDs (pixel data bytes unchanged)."""
     import pydicom
     from pydicom.uid import generate_uid
 
-    files = sorted((SHARED / "totalseg-dicom-series").glob("*.dcm"))
-    if not files:
-        sys.exit(f"real series not found under {SHARED}")
     for c in range(copies):
         series_uid, for_uid = generate_uid(), generate_uid()
         folder = dst / f"copy{c}"
@@ -49,8 +45,7 @@ def copy_real_series(dst: Path, copies: int) -> int:
             ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
             ds.SeriesInstanceUID = series_uid
             ds.FrameOfReferenceUID = for_uid
-            ds.save_as(folder / f.name)  # pixel data: the original JPEG 2000 codestream
-    return copies * len(files)
+            ds.save_as(folder / f.name)
 
 
 def make_phantom(dst: Path, cases: int, slices: int) -> Path:
@@ -78,33 +73,44 @@ def convert(source: Path, out: Path, workers: int, codec: str) -> tuple[float, f
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--copies", type=int, default=4, help="copies of the real 20-slice series (default 4)")
-    p.add_argument("--phantom-cases", type=int, default=4)
-    p.add_argument("--phantom-slices", type=int, default=32)
-    p.add_argument("--phantom-dir", type=Path, help="existing phantom folder (its dicom/ is converted)")
+    p.add_argument("--copies", type=int, default=4, help="copies of each source series, with fresh UIDs (default 4)")
+    p.add_argument("--phantom-cases", type=int, default=2, help="phantom series to generate (default 2)")
+    p.add_argument("--phantom-slices", type=int, default=40)
+    p.add_argument("--phantom-dir", type=Path, help="existing `tcsmae phantom` folder to use instead of generating one")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--repeat", type=int, default=2, help="runs per setting; the fastest is shown (shared machines)")
     p.add_argument("--codec", default="zstd", choices=("zstd", "lz4", "none"))
     args = p.parse_args()
 
+    real_files = sorted((SHARED / "totalseg-dicom-series").glob("*.dcm"))
+    if not real_files:
+        sys.exit(f"real series not found under {SHARED}")
     with tempfile.TemporaryDirectory(prefix="tcsmae-bench-") as tmp:
         tmp = Path(tmp)
-        inputs = []
-        n = copy_real_series(tmp / "real", args.copies)
-        inputs.append((f"real JPEG 2000 512x512 ({args.copies} series x 20)", tmp / "real"))
-        if args.phantom_dir:
-            inputs.append((f"phantom uncompressed ({args.phantom_dir})", args.phantom_dir / "dicom"))
-        else:
+        copy_series(real_files, tmp / "real", args.copies)
+        phantom = args.phantom_dir
+        if phantom is None:
             t0 = time.perf_counter()
-            src = make_phantom(tmp / "phantom", args.phantom_cases, args.phantom_slices)
+            phantom = make_phantom(tmp / "phantom", args.phantom_cases, args.phantom_slices).parent
             print(f"(phantom generated in {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-            inputs.append((f"phantom uncompressed 512x512 ({args.phantom_cases} series x {args.phantom_slices})", src))
-        print(f"converter throughput, codec {args.codec}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
-        print(f"{'input':<50} {'workers':>7} {'slices':>6} {'wall s':>7} {'slices/s (wall)':>15} {'slices/s (converter)':>20}")
+        phantom_series = sorted(d for d in (phantom / "dicom").iterdir() if d.is_dir())
+        n_phantom = 0
+        for i, d in enumerate(phantom_series):
+            files = sorted(d.glob("*.dcm"))
+            n_phantom += len(files) * args.copies
+            copy_series(files, tmp / "phantom_copies" / f"s{i}", args.copies)
+        inputs = [
+            (f"real JPEG 2000 512x512, {args.copies} x 20 slices", tmp / "real"),
+            (f"phantom uncompressed 512x512, {len(phantom_series) * args.copies} series", tmp / "phantom_copies"),
+        ]
+        print(f"converter throughput, codec {args.codec}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+        print(f"{'input':<48} {'workers':>7} {'slices':>6} {'wall s':>7} {'slices/s (wall)':>15} {'slices/s (converter)':>20}")
         for name, src in inputs:
             for w in args.workers:
-                wall, reported, slices = convert(src, tmp / "out.zarr", w, args.codec)
-                print(f"{name:<50} {w:>7} {slices:>6} {wall:>7.1f} {slices / wall:>15.1f} {reported:>20.1f}", flush=True)
-        del n
+                runs = [convert(src, tmp / "out.zarr", w, args.codec) for _ in range(args.repeat)]
+                wall, reported, slices = min(runs)
+                print(f"{name:<48} {w:>7} {slices:>6} {wall:>7.1f} {slices / wall:>15.1f} {reported:>20.1f}", flush=True)
+        print(f"load average after: {os.getloadavg()[0]:.1f}")
     return 0
 
 

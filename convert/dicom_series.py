@@ -330,7 +330,9 @@ class SeriesPlan:
 
 @dataclass
 class Refusal:
-    """A series (or file) not converted: failed=True counts against the exit code."""
+    """A series (or file) not converted. failed=False: skipped for a reason (too few slices,
+    missing tags), shown as 'skipped'; both count against the exit code (an image series
+    that was not converted)."""
 
     what: str
     reason: str
@@ -387,7 +389,7 @@ def plan_series(scans: list[ScanResult]) -> tuple[list[SeriesPlan], list[Refusal
         missing = next((h for h in slices if h.position is None or h.orientation is None or h.pixel_spacing is None), None)
         if missing is not None:
             tags = [n for n, v in (("ImagePositionPatient", missing.position), ("ImageOrientationPatient", missing.orientation), ("PixelSpacing", missing.pixel_spacing)) if v is None]
-            refusals.append(Refusal(key, f"missing {', '.join(tags)}; cannot place the slices", missing.path, failed=True))
+            refusals.append(Refusal(key, f"missing {', '.join(tags)}; cannot place the slices", missing.path, failed=False))
             continue
         odd = next((h for h in slices if not _valid_geometry(h)), None)
         if odd is not None:
@@ -415,7 +417,7 @@ def plan_series(scans: list[ScanResult]) -> tuple[list[SeriesPlan], list[Refusal
             description = key if len(ordered) == 1 else f"{key} (stack {index + 1} of {len(ordered)}: {_describe_geometry(gkey)})"
             n_positions = _count_positions(stack)
             if n_positions < MIN_SLICES:
-                refusals.append(Refusal(description, f"only {n_positions} slice position(s); at least {MIN_SLICES} needed", stack[0].path))
+                refusals.append(Refusal(description, f"only {n_positions} slice position(s); at least {MIN_SLICES} needed", stack[0].path, failed=False))
                 continue
             missing_decoder = check_decoders({h.transfer_syntax for h in stack})
             if missing_decoder:

@@ -59,14 +59,13 @@ class Outcome:
     """Result of one series (or one refused file)."""
 
     what: str  # case id or series description
-    status: str  # converted | up to date | skipped | failed
+    status: str  # converted | up to date | skipped (refused: too few slices, missing tags) | failed
     slices: int = 0
     reason: str = ""
     path: str | None = None
     warnings: list[str] = field(default_factory=list)
     body_fraction: object = None
     source_sha256: str = ""
-    counts: bool = True  # counts for the exit code (False: skipped by design)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -208,10 +207,10 @@ def _scan(files: list[Path], pool) -> list:
 
     from tcsmae.convert.dicom_series import scan_file
 
-    # header scans take ~3 ms a file: below a few hundred files, starting workers costs more
-    mapper = pool.map if len(files) >= SCAN_IN_POOL_FROM else map
-    chunk = max(1, min(64, len(files) // 32))
-    results = mapper(scan_file, files, chunksize=chunk) if mapper is pool.map else map(scan_file, files)
+    if len(files) >= SCAN_IN_POOL_FROM:
+        results = pool.map(scan_file, files, chunksize=max(1, min(64, len(files) // 32)))
+    else:  # header scans take ~3 ms a file: for a few hundred files, shipping them costs more
+        results = map(scan_file, files)
     return list(tqdm(results, total=len(files), desc="scanning", unit="file", disable=None, leave=False))
 
 
@@ -224,7 +223,7 @@ def _plan(jobs: list[Job], files_of_job: list[list[Path]], scan_of: dict) -> tup
     for job, files in zip(jobs, files_of_job):
         job_plans, refusals = plan_series([scan_of[str(f)] for f in files])
         for r in refusals:
-            outcomes.append(Outcome(r.what, "failed" if r.failed else "skipped", 0, r.reason, r.path, counts=True))
+            outcomes.append(Outcome(r.what, "failed" if r.failed else "skipped", 0, r.reason, r.path))
         if (job.labels or job.case_id) and len(job_plans) != 1:
             found = ", ".join(p.description for p in job_plans) or "none"
             flag = "--labels" if job.labels else "--case-id"
@@ -332,7 +331,7 @@ def _detail(o: Outcome) -> str:
 
 def _exit_code(outcomes: list[Outcome]) -> int:
     good = sum(o.status in ("converted", "up to date") for o in outcomes)
-    bad = sum(o.status in ("failed", "skipped") and o.counts for o in outcomes)
+    bad = sum(o.status in ("failed", "skipped") for o in outcomes)  # files skipped by design are no outcomes
     if good == 0:
         return EXIT_NOTHING
     return EXIT_PARTIAL if bad else EXIT_OK

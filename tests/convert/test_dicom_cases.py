@@ -479,6 +479,7 @@ def test_13_too_few_slices_or_missing_tags_are_skipped_with_the_reason(tmp_path,
     assert code == 3, out
     assert list(cases(tmp_path / "out.zarr")) == [good.datasets[0].SeriesInstanceUID]
     assert "only 2 slice position(s)" in out
+    assert any(line.startswith("skipped") and "only 2 slice position(s)" in line for line in out.splitlines())
     assert "missing ImagePositionPatient" in out and str(pos_paths[1]) in out
     assert "missing ImageOrientationPatient" in out
 

@@ -252,3 +252,17 @@ def test_script_form_with_two_workers(tmp_path, two_series):
     proc = subprocess.run([sys.executable, str(REPO / "convert" / "dicom_to_zarr.py"), str(tmp_path / "nope"), "-o", str(tmp_path / "x.zarr")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_parallel_workers_report_failures_like_one_worker(tmp_path, convert, two_series):
+    root, a, b = two_series
+    bad = ct_series(n=4, seed=11)
+    paths = write_series(bad.datasets, tmp_path / "bad")
+    paths[1].write_bytes(paths[1].read_bytes()[:-100])  # truncated pixel data
+    code, out = convert(root, tmp_path / "bad", "-o", tmp_path / "par.zarr", workers=2)
+    assert code == 3, out
+    assert str(paths[1]) in out and "cannot decode pixel data" in out
+    store = open_store(tmp_path / "par.zarr")
+    assert sorted(store.case_ids) == sorted([uid(a), uid(b)])
+    np.testing.assert_array_equal(store.image(uid(b))[:], b.hu)
+    assert not (tmp_path / "par.zarr" / "images" / uid(bad)).exists()  # failed case's arrays removed
