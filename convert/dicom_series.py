@@ -691,16 +691,22 @@ class _SliceReader:
 
         ds, pixels, pad = self._load(h.path)
         stored = pixels[h.frame or 0]
+        top_level_rescale = False  # pydicom's apply_modality_lut applies exactly this rescale
         if h.rescale is not None:
             slope, intercept = h.rescale
             self.luts.add("rescale (per-frame functional groups)")
         elif "ModalityLUTSequence" in ds:
             slope = intercept = None
             self.luts.add("ModalityLUTSequence")
-        elif "RescaleSlope" in ds or "RescaleIntercept" in ds:
-            slope = float(ds.get("RescaleSlope", 1) or 1)
-            intercept = float(ds.get("RescaleIntercept", 0) or 0)
+        elif _has_value(ds, "RescaleSlope") and _has_value(ds, "RescaleIntercept"):
+            slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+            top_level_rescale = True
             self.luts.add("rescale")
+        elif _has_value(ds, "RescaleSlope") or _has_value(ds, "RescaleIntercept"):
+            # pydicom ignores a lone slope or intercept; DICOM's defaults (1, 0) are meant
+            slope = float(ds.RescaleSlope) if _has_value(ds, "RescaleSlope") else 1.0
+            intercept = float(ds.RescaleIntercept) if _has_value(ds, "RescaleIntercept") else 0.0
+            self.luts.add("rescale (slope or intercept missing, DICOM default used)")
         else:
             slope, intercept = 1.0, 0.0
             self.luts.add("none")
@@ -709,12 +715,15 @@ class _SliceReader:
         else:
             self.rescales.add((slope, intercept))
             if slope.is_integer() and intercept.is_integer() and abs(slope) <= 1024 and abs(intercept) <= 2**20:
+                # integer rescale: the same values as pydicom's float64 result, in int32
                 hu = stored.astype(np.int32)
                 if slope != 1:
                     hu *= int(slope)
                 if intercept != 0:
                     hu += int(intercept)
-            else:
+            elif top_level_rescale:
+                hu = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+            else:  # per-frame functional groups or a lone slope/intercept, which pydicom ignores
                 hu = stored.astype(np.float64) * slope + intercept
         if pad is not None:
             mask = pad(stored)
@@ -724,6 +733,11 @@ class _SliceReader:
             self.padding_value = pad.describe
             self.padding_voxels += n_pad
         return hu
+
+
+def _has_value(ds, keyword: str) -> bool:
+    value = ds.get(keyword)
+    return value is not None and value != ""
 
 
 def _slice_name(h: SliceHeader) -> str:

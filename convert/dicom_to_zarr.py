@@ -94,6 +94,11 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         outcomes, skipped_files = _scan_plan_convert(args, jobs, files_of_job, all_files)
+    except OSError as exc:  # the output cannot be written (a file in the way, disk full, ...)
+        raise UserError(
+            f"cannot write the store {args.output}: {exc}; cases committed before this are kept",
+            exit_code=EXIT_NOTHING,
+        ) from None
     except BrokenProcessPool as exc:
         raise UserError(
             f"a worker process died ({exc}); cases committed so far are kept. The usual cause is "

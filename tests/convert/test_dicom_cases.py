@@ -510,3 +510,22 @@ def test_corrupted_headers_never_crash_the_converter(tmp_path, convert):
     assert code in (0, 1, 3), out
     assert "Traceback" not in out
     open_store(tmp_path / "out.zarr")  # whatever happened, the store is readable
+
+
+def test_8_hu_match_pydicom_modality_lut_on_its_real_ct_test_file(tmp_path, convert):
+    """pydicom's CT_small.dcm (a real CT slice, signed, intercept -1024) stacked 3 times."""
+    ref = pydicom.dcmread(pydicom.data.get_testdata_file("CT_small.dcm"))
+    expected = pydicom.pixels.apply_modality_lut(ref.pixel_array, ref)
+    normal = np.cross(np.array(ref.ImageOrientationPatient[:3], float), np.array(ref.ImageOrientationPatient[3:], float))
+    for k in range(3):
+        ds = pydicom.dcmread(pydicom.data.get_testdata_file("CT_small.dcm"))
+        ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.ImagePositionPatient = [float(v) for v in np.array(ref.ImagePositionPatient, float) + 5.0 * k * normal]
+        write_series([ds], tmp_path / "ct")
+    code, out = convert(tmp_path / "ct", "-o", tmp_path / "out.zarr")
+    assert code == 0, out
+    hu, attrs = only_case(tmp_path / "out.zarr")
+    assert attrs["series_uid"] == ref.SeriesInstanceUID
+    for k in range(3):
+        np.testing.assert_array_equal(hu[k], expected)
+    assert hu.min() < -500 < hu.max()
