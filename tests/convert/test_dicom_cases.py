@@ -529,3 +529,22 @@ def test_8_hu_match_pydicom_modality_lut_on_its_real_ct_test_file(tmp_path, conv
     for k in range(3):
         np.testing.assert_array_equal(hu[k], expected)
     assert hu.min() < -500 < hu.max()
+
+
+@pytest.mark.parametrize("orientation", [(1.0, 0.0, 0.0, 0.0, -1.0, 0.0), (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)])
+def test_slices_sorted_along_the_normal_not_by_z_or_instance_number(tmp_path, convert, orientation):
+    """Normal -z (z descends through the stack) and a coronal stack (normal +y)."""
+    s = ct_series(n=5, orientation=orientation, step=3.0)
+    write_series(s.datasets, tmp_path / "s")
+    code, out = convert(tmp_path / "s", "-o", tmp_path / "out.zarr")
+    assert code == 0, out
+    hu, attrs = only_case(tmp_path / "out.zarr")
+    np.testing.assert_array_equal(hu, s.hu)
+    z = np.array(attrs["z_positions_mm"])
+    assert np.all(np.diff(z) == pytest.approx(3.0))
+    np.testing.assert_allclose(np.array(attrs["direction"])[:, 2], s.normal)
+    np.testing.assert_allclose(np.array(attrs["direction"])[:, 0], orientation[:3])
+    np.testing.assert_allclose(np.array(attrs["direction"])[:, 1], orientation[3:])
+    first = s.datasets[s.order[0]]
+    assert attrs["origin_mm"] == pytest.approx([float(v) for v in first.ImagePositionPatient])
+    assert attrs["spacing_mm"] == pytest.approx([3.0, 0.8, 0.7])
