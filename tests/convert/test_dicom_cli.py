@@ -268,3 +268,32 @@ def test_parallel_workers_report_failures_like_one_worker(tmp_path, convert, two
     assert sorted(store.case_ids) == sorted([uid(a), uid(b)])
     np.testing.assert_array_equal(store.image(uid(b))[:], b.hu)
     assert not (tmp_path / "par.zarr" / "images" / uid(bad)).exists()  # failed case's arrays removed
+
+
+def test_worker_process_killed_after_writing_arrays(tmp_path, convert, two_series, monkeypatch):
+    """A worker dies (as if killed for memory) after writing its case: no half case, clear message."""
+    import tcsmae.convert.store as store_module
+
+    root, a, b = two_series
+    original = store_module.write_case_arrays
+
+    def write_then_die(path, case_id, *args, **kwargs):
+        result = original(path, case_id, *args, **kwargs)
+        if case_id == uid(b):
+            os._exit(9)
+        return result
+
+    monkeypatch.setattr(store_module, "write_case_arrays", write_then_die)  # forked workers inherit it
+    code, out = convert(root, "-o", tmp_path / "k.zarr", workers=2)
+    monkeypatch.undo()
+    assert code == 1, out
+    assert "worker process died" in out and "fewer --workers" in out and "Traceback" not in out
+    assert uid(b) not in open_store(tmp_path / "k.zarr").case_ids
+
+    assert (tmp_path / "k.zarr" / "images" / uid(b)).is_dir()  # written, never committed
+    code, out = convert(root, "-o", tmp_path / "k.zarr", workers=2)
+    assert code == 0, out
+    assert f"removed leftovers of unfinished cases: images/{uid(b)}" in out
+    store = open_store(tmp_path / "k.zarr")
+    assert sorted(store.case_ids) == sorted([uid(a), uid(b)])
+    np.testing.assert_array_equal(store.image(uid(b))[:], b.hu)
