@@ -160,10 +160,10 @@ def quiet_pydicom():
 
 
 def scan_file(path: str | Path) -> ScanResult:
-    """Read the header of one file (pixel data is not decoded) and classify it.
+    """Read the header of one file (pixel data is skipped, not decoded) and classify it.
 
-    The whole file is read once to compute its sha256 (the case's source digest), which also
-    brings it into the page cache for the decoding step.
+    The file is streamed once through sha256 (for the case's source digest, in bounded
+    memory), which also brings it into the page cache for the decoding step.
     """
     with quiet_pydicom():
         return _scan_file(path)
