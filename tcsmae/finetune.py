@@ -109,9 +109,11 @@ class FinetuneConfig:
             raise UserError(f"--device {self.device!r}: use auto, cpu or cuda")
         if not 0 < self.threshold < 1:
             raise UserError(f"threshold {self.threshold}: must lie in (0, 1)")
-        if self.pipeline.masking != "none" or self.pipeline.size != self.size:
-            object.__setattr__(self, "pipeline", replace(self.pipeline, masking="none", size=self.size,
-                                                         augment=False))
+        p = self.pipeline
+        if (p.masking, p.size, p.augment, p.seed, p.body_fraction_min) != ("none", self.size, False, self.seed, 0.0):
+            # every slice, unmasked, at the fine-tuning size, shuffled by the fine-tuning seed
+            object.__setattr__(self, "pipeline", replace(p, masking="none", size=self.size, augment=False,
+                                                         seed=self.seed, body_fraction_min=0.0))
 
 
 # ---------------------------------------------------------------------------------------
@@ -136,10 +138,10 @@ def weights_metadata(init: str) -> dict:
 
 
 def pipeline_from_metadata(meta: dict, size: int) -> PipelineConfig:
-    """The pretraining preprocessing (weights.json `pipeline`), masking off, at `size`."""
+    """The pretraining preprocessing (weights.json `config.pipeline`), masking off, at `size`."""
     known = {f for f in PipelineConfig.__dataclass_fields__}
-    recorded = {k: (tuple(v) if isinstance(v, list) else v)
-                for k, v in (meta.get("pipeline") or {}).items() if k in known}
+    stored = meta.get("pipeline") or (meta.get("config") or {}).get("pipeline") or {}
+    recorded = {k: (tuple(v) if isinstance(v, list) else v) for k, v in stored.items() if k in known}
     recorded.update(masking="none", size=size, augment=False)
     return PipelineConfig(**recorded)
 
@@ -310,7 +312,7 @@ def _fold_loader(store_path, cfg, batch_size, device, case_ids, **kwargs):
 # One fold
 
 
-def _device(name: str):
+def resolve_device(name: str):
     import torch
 
     if name == "auto":
@@ -438,7 +440,7 @@ def run_fold(store, store_path, cfg: FinetuneConfig, fold_index: int, train_ids,
         if done.get("run_key") == _run_key(cfg):
             print(f"fold {fold_index}: already done ({scores_path})")
             return done
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed * 1000 + fold_index)
     model = build_model(encoder, label_map.out_channels, cfg.init).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -605,7 +607,7 @@ def finetune(data: str | Path, out: str | Path, cfg: FinetuneConfig) -> dict:
     label_map = load_label_map(cfg.label_map)
     meta = weights_metadata(cfg.init)
     encoder = resolve_encoder(cfg, meta)
-    if meta.get("pipeline"):
+    if meta:
         cfg = replace(cfg, pipeline=pipeline_from_metadata(meta, cfg.size))
     labelled = [c for c in store.case_ids if store.has_labels(c)]
     unlabelled = [c for c in store.case_ids if c not in labelled]

@@ -144,8 +144,10 @@ def check_leakage(cases: dict[str, dict], pretraining: dict | None, allow_overla
     """Refuse fine-tuning cases that were pretraining cases.
 
     cases: case id -> store attrs (keys `series_uid`, `patient_id`; empty = unknown).
-    pretraining: {"salt": str, "series_digests": [hex], "patient_digests": [hex]} (the
-        `pretraining_cases` entry of weights.json) or None
+    pretraining: {"salt": str, "series_digests": [hex], "patient_digests": [hex],
+        "case_digests": [hex]} (the `pretraining_cases` entry of weights.json) or None.
+        A case without a series uid is matched by its case id instead (the exporter hashes
+        the case id where the series or patient id is empty).
         (scratch, or weights without digests: nothing to compare).
     digest: (salt, value) -> hex, the function the exporter used.
     Returns messages about overlaps (empty when none); raises UserError on overlap unless
@@ -156,6 +158,7 @@ def check_leakage(cases: dict[str, dict], pretraining: dict | None, allow_overla
     salt = pretraining.get("salt", "")
     series = set(pretraining.get("series_digests", []))
     patients = set(pretraining.get("patient_digests", []))
+    case_digests = set(pretraining.get("case_digests", []))
     hits = []
     for case_id, attrs in cases.items():
         s = str(attrs.get("series_uid", "") or "").strip()
@@ -163,6 +166,8 @@ def check_leakage(cases: dict[str, dict], pretraining: dict | None, allow_overla
         why = []
         if s and digest(salt, s) in series:
             why.append("its series")
+        if not s and digest(salt, case_id) in case_digests | series:
+            why.append("its case id (no series uid)")
         if p and digest(salt, p) in patients:
             why.append("its patient")
         if why:

@@ -86,3 +86,8 @@ def test_leakage_guard_refuses_overlap():
                  "patient_digests": [salted_digest(salt, "")]}
     assert check_leakage(clean, pre_empty, False) == []
     assert check_leakage(clean, None, False) == []
+    # without a series uid the case id is compared (as the exporter hashes it then)
+    pre_case = {"salt": salt, "series_digests": [], "patient_digests": [],
+                "case_digests": [salted_digest(salt, "b")]}
+    with pytest.raises(UserError, match="case b: its case id"):
+        check_leakage(clean, pre_case, False)
