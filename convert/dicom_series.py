@@ -176,19 +176,19 @@ def _scan_file(path: str | Path) -> ScanResult:
     path = str(path)
     try:
         with open(path, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
             f.seek(128)
-            has_magic = f.read(4) == b"DICM"
+            if f.read(4) != b"DICM":  # a Part 10 file; anything else is junk (pydicom agrees)
+                return ScanResult(path, "junk", "not a DICOM file (no DICM preamble)")
+            f.seek(0)
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
     except OSError as exc:
         return ScanResult(path, "unreadable", f"cannot read file: {exc}")
     try:
         ds = pydicom.dcmread(path, defer_size=1024)  # large values (pixel data) are skipped, not read
-    except InvalidDicomError:
-        return ScanResult(path, "junk", "not a DICOM file (no DICM preamble)", digest)
+    except InvalidDicomError as exc:
+        return ScanResult(path, "unreadable", f"invalid DICOM file ({exc})", digest)
     except Exception as exc:  # pydicom raises many types on corrupt input
-        if has_magic:
-            return ScanResult(path, "unreadable", f"corrupt or truncated DICOM ({type(exc).__name__}: {exc})", digest)
-        return ScanResult(path, "junk", "not a DICOM file (no DICM preamble)", digest)
+        return ScanResult(path, "unreadable", f"corrupt or truncated DICOM ({type(exc).__name__}: {exc})", digest)
     try:
         return _classify(ds, path, digest)
     except Exception as exc:  # a header value pydicom parsed but that makes no sense
