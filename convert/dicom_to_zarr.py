@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,11 +175,12 @@ class _InlinePool:
 
 
 def _pool(workers: int):
-    """A process pool whose workers are ready before any thread exists in this process.
+    """A process pool whose workers hold the converter modules before the first task.
 
-    On Linux the workers are forked right away (cheap: modules already imported), while this
-    process is still single-threaded (no zarr event loop, no progress-bar thread yet);
-    elsewhere they come from a forkserver (or spawn) with the converter modules preloaded.
+    On Linux, when this process is still single-threaded (no zarr event loop, no
+    progress-bar thread yet, no threads of a calling program), the workers are forked right
+    away (cheap: modules already imported). Otherwise they come from a forkserver (or spawn)
+    with the converter modules preloaded.
     """
     if workers == 1:
         return _InlinePool()
@@ -193,7 +195,8 @@ def _pool(workers: int):
     import tcsmae.convert.store  # noqa: F401
 
     methods = multiprocessing.get_all_start_methods()
-    if sys.platform.startswith("linux") and "fork" in methods:
+    # fork only a single-threaded process (a caller may have started torch/DALI threads)
+    if sys.platform.startswith("linux") and "fork" in methods and threading.active_count() == 1:
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"))
         pool.submit(os.getpid).result()  # with fork, all workers start at the first task
         return pool
