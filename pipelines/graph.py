@@ -109,10 +109,13 @@ class Transform(_BatchStep):
 
     Runs window_edges -> resize (if cfg.size > 0) -> mask apply on each group of samples
     with equal shapes, as NumPy twins + torch split over threads (CPU) or CuPy kernels (GPU).
+    stacked=True: each DALI sample is a whole batch instead, (N, Y, X) HU and (N, ...)
+    draws -> (N, 8, H, W) packed.
     """
 
-    def __init__(self, cfg: PipelineConfig, gpu: bool, threads: int = 1):
+    def __init__(self, cfg: PipelineConfig, gpu: bool, threads: int = 1, stacked: bool = False):
         super().__init__(gpu, threads)
+        self.stacked = stacked
         self.window_args = (cfg.lung_window, cfg.mediastinal_window, cfg.edge_scaling,
                             cfg.edge_clip)
         self.size = cfg.size
@@ -136,6 +139,8 @@ class Transform(_BatchStep):
         return kernels.tissue_mask_apply_numpy(stack, draw, *self.hu_range)
 
     def __call__(self, hus: list, draws: list) -> list:
+        if self.stacked:
+            return [self._concat(self._map_chunks(self._run, h, d)) for h, d in zip(hus, draws)]
         out: list = [None] * len(hus)
         groups: dict[tuple, list[int]] = {}
         for i, (h, d) in enumerate(zip(hus, draws)):
@@ -150,18 +155,22 @@ class Transform(_BatchStep):
 
 
 def processing_graph(hu, draw, cfg: PipelineConfig, device_id: int | None = None,
-                     affine=None, label=None, cpu_threads: int = 1) -> dict:
+                     affine=None, label=None, cpu_threads: int = 1, stacked: bool = False
+                     ) -> dict:
     """Build the transform on DALI nodes.
 
     hu: node of (Y, X) float32|int16 HU, layout "HW" (already padded to a square when
         cfg.size > 0; the source does it). draw: node of (K,) uint8 or (GY, GX) uint8.
+    stacked: each sample is a whole batch of equal-shape slices: hu (N, Y, X), draw
+        (N, ...), label (N, Y, X); outputs gain the leading N. One DALI sample per batch
+        removes DALI's per-sample Python cost (the GPU path's limit); no augmentation.
     affine: optional node of (2, 3) float32 destination-to-source matrices (augmentation).
     label: optional node of (Y, X) int16 labels on the same grid (fine-tuning; DALI's
         resize takes no int32).
     device_id: None -> CPU path; an int -> GPU path (outputs in GPU memory).
     cpu_threads: threads the CPU path splits a batch over.
     Returns {"packed": (8, H, W) float32 node (channels kernels.PACKED), and "label":
-    (1, H, W) int16 when given}.
+    (1, H, W) int16 when given}; stacked: (N, 8, H, W) and (N, H, W).
     """
     from nvidia.dali import fn, types
 
@@ -175,6 +184,7 @@ def processing_graph(hu, draw, cfg: PipelineConfig, device_id: int | None = None
             label = label.gpu()
 
     if affine is not None:
+        assert not stacked, "augmentation warps per sample: stacked batches cannot take it"
         hu = fn.cast(hu, dtype=types.FLOAT)
         hu = fn.expand_dims(hu, axes=[2], new_axis_names="C")             # (Y, X, 1) HWC
         hu = fn.warp_affine(hu, affine, fill_value=cfg.pad_hu, interp_type=types.INTERP_LINEAR)
@@ -184,11 +194,15 @@ def processing_graph(hu, draw, cfg: PipelineConfig, device_id: int | None = None
             label = fn.warp_affine(label, affine, fill_value=0, interp_type=types.INTERP_NN)
             label = fn.squeeze(label, axes=[2])
 
-    packed = fn.python_function(hu, draw, function=Transform(cfg, gpu, cpu_threads),
-                                batch_processing=True, device=device, output_layouts="CHW")
+    packed = fn.python_function(hu, draw, function=Transform(cfg, gpu, cpu_threads, stacked),
+                                batch_processing=True, device=device,
+                                output_layouts=None if stacked else "CHW")
     out = {"packed": packed}
     if label is not None:
-        label = fn.expand_dims(label, axes=[0], new_axis_names="C")       # (1, Y, X) CHW
+        if stacked:  # (N, Y, X): the slices play the channels of one image
+            label = fn.reshape(label, layout="CHW")
+        else:
+            label = fn.expand_dims(label, axes=[0], new_axis_names="C")   # (1, Y, X) CHW
         if cfg.size > 0:
             label = fn.resize(label, size=[cfg.size, cfg.size], interp_type=types.INTERP_NN,
                               antialias=False, device=device)

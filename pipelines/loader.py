@@ -29,6 +29,7 @@ from .source import SliceSource
 
 _LAYOUTS = {"hu": "HW", "draw": None, "case_index": None, "z": None, "affine": None,
             "label": "HW"}
+_STACKED_LAYOUTS = {"hu": None, "draw": None, "case_index": None, "z": None, "label": "CHW"}
 
 
 def _start_method(gpu: bool) -> str:
@@ -45,22 +46,25 @@ def build_pipeline(source, cfg: PipelineConfig, batch_size: int, device_id: int 
     """A DALI pipeline: `source` (SliceSource-like batch callable) -> processing_graph.
 
     Outputs, in order: packed (8, H, W) float32 (kernels.PACKED), case_index (1,), z (1,),
-    and label (1, H, W) int16 if the source has labels. py_workers = 0 runs the source in
-    the main process.
+    and label (1, H, W) int16 if the source has labels; with a stacked source the DALI
+    batch size is 1 and each output carries the batch: (N, 8, H, W), (N, 1), (N, 1),
+    (N, H, W). py_workers = 0 runs the source in the main process.
     """
     from nvidia.dali import fn, pipeline_def
 
     names = source.output_names
+    stacked = source.stacked
+    layouts = _STACKED_LAYOUTS if stacked else _LAYOUTS
 
     @pipeline_def
     def pipe():
         nodes = fn.external_source(
             source=source, num_outputs=len(names), batch=True, batch_info=True,
-            parallel=py_workers > 0, layout=[_LAYOUTS[n] for n in names])
+            parallel=py_workers > 0, layout=[layouts[n] for n in names])
         node = dict(zip(names, nodes))
         graph = processing_graph(node["hu"], node["draw"], cfg, device_id,
                                  affine=node.get("affine"), label=node.get("label"),
-                                 cpu_threads=num_threads)
+                                 cpu_threads=num_threads, stacked=stacked)
         result = [graph["packed"], node["case_index"], node["z"]]
         if "label" in graph:
             result.append(graph["label"])
@@ -70,8 +74,8 @@ def build_pipeline(source, cfg: PipelineConfig, batch_size: int, device_id: int 
     if py_workers > 0:
         kwargs = {"py_num_workers": py_workers,
                   "py_start_method": _start_method(device_id is not None)}
-    return pipe(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
-                prefetch_queue_depth=prefetch, seed=cfg.seed, **kwargs)
+    return pipe(batch_size=1 if stacked else batch_size, num_threads=num_threads,
+                device_id=device_id, prefetch_queue_depth=prefetch, seed=cfg.seed, **kwargs)
 
 
 class SliceLoader:
@@ -80,7 +84,8 @@ class SliceLoader:
     def __init__(self, store_path, cfg: PipelineConfig, batch_size: int, device: str = "cpu",
                  rank: int = 0, world_size: int = 1, epoch: int = 0, step: int = 0,
                  with_labels: bool = False, num_threads: int = 2, py_workers: int = 1,
-                 device_id: int | None = None, prefetch: int = 2):
+                 device_id: int | None = None, prefetch: int = 2,
+                 stacked: bool | None = None):
         if device not in ("cpu", "cuda"):
             raise UserError(f"device {device!r}: choose 'cpu' or 'cuda'")
         if with_labels:
@@ -99,7 +104,7 @@ class SliceLoader:
         self._iterator = None
         self._built_at: tuple[int, int] | None = None
         self._source = SliceSource(store_path, cfg, batch_size, rank, world_size, epoch, step,
-                                   with_labels)
+                                   with_labels, stacked)
 
     def __len__(self) -> int:
         """Batches per full epoch on this rank."""
@@ -122,8 +127,7 @@ class SliceLoader:
     def _build(self) -> None:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        source = SliceSource(self.store_path, self.cfg, self.batch_size, self.rank,
-                             self.world_size, self.epoch, self.step, self.with_labels)
+        source = self._source.at(self.epoch, self.step)
         pipe = build_pipeline(source, self.cfg, self.batch_size, self.device_id,
                               self.num_threads, self.py_workers, self.prefetch)
         names = ["packed", "case_index", "z"]
@@ -138,7 +142,8 @@ class SliceLoader:
         import torch
 
         dtype = getattr(torch, self.cfg.dtype)
-        parts = split_packed(data["packed"])
+        stacked = self._source.stacked
+        parts = split_packed(data["packed"][0] if stacked else data["packed"])
         batch = {
             "original": parts["original"].to(dtype, copy=True).contiguous(),
             "masked": parts["masked"].to(dtype, copy=True).contiguous(),
@@ -147,7 +152,8 @@ class SliceLoader:
             "z": data["z"].reshape(-1).to(torch.int64, copy=True),
         }
         if self.with_labels:
-            batch["label"] = data["label"][:, 0].to(torch.int64, copy=True)
+            label = data["label"][0] if stacked else data["label"][:, 0]
+            batch["label"] = label.to(torch.int64, copy=True)
         return batch
 
     def __iter__(self):
@@ -164,8 +170,10 @@ class SliceLoader:
 def make_loader(store_path, cfg: PipelineConfig, batch_size: int, device: str = "cpu",
                 rank: int = 0, world_size: int = 1, epoch: int = 0, step: int = 0,
                 with_labels: bool = False, num_threads: int = 2, py_workers: int = 1,
-                device_id: int | None = None, prefetch: int = 2) -> SliceLoader:
+                device_id: int | None = None, prefetch: int = 2,
+                stacked: bool | None = None) -> SliceLoader:
     """The training loader (see module doc). batch_size is per rank; py_workers reader
-    processes (0 = read in the main process); num_threads DALI/NumPy threads."""
+    processes (0 = read in the main process); num_threads DALI/NumPy threads; stacked:
+    one DALI sample per batch (None = whenever the store allows, see source.py)."""
     return SliceLoader(store_path, cfg, batch_size, device, rank, world_size, epoch, step,
-                       with_labels, num_threads, py_workers, device_id, prefetch)
+                       with_labels, num_threads, py_workers, device_id, prefetch, stacked)

@@ -46,7 +46,7 @@ def preview_batch(store_path, cfg, n: int, device: str = "cpu") -> dict:
     from .loader import build_pipeline
     from .source import SliceSource
 
-    source = SliceSource(store_path, cfg, batch_size=n)
+    source = SliceSource(store_path, cfg, batch_size=n, stacked=False)  # grids may differ
     device_id = 0 if device == "cuda" else None
     pipe = build_pipeline(source, cfg, n, device_id, num_threads=2, py_workers=0)
     pipe.build()

@@ -10,6 +10,11 @@ One call returns one batch for this rank: per sample
     affine   (2, 3) float32 destination-to-source matrix       (cfg.augment only)
     label    (Y, X) int16 label ids, padded with 0               (with_labels only)
 
+Stacked mode (default when every eligible slice has the same grid after padding and there
+is no augmentation): one call returns each output as ONE array for the whole batch, hu
+(N, Y, X), draw (N, ...), case and z (N, 1), label (N, Y, X); the pipeline then runs with
+DALI batch size 1, so DALI's per-sample Python cost is paid once per batch.
+
 Epochs: the eligible slices (index body fraction >= cfg.body_fraction_min) are shuffled by a
 generator keyed by (seed, epoch); the first n_batches * batch_size * world_size of that order
 are dealt round-robin to the ranks (rank r takes positions r, r + W, ...). So ranks are
@@ -21,8 +26,8 @@ end), and together they cover the epoch except the dropped remainder. Resuming a
 
 from __future__ import annotations
 
+import copy
 import math
-import os
 
 import numpy as np
 
@@ -82,10 +87,12 @@ class SliceSource:
 
     store_path: a tcsmae store (convert/store.py). batch_size: per rank.
     epoch, step: where to start (resume). with_labels: also emit label slices.
+    stacked: None = whenever possible (see module doc), True = required, False = never.
     """
 
     def __init__(self, store_path, cfg: PipelineConfig, batch_size: int, rank: int = 0,
-                 world_size: int = 1, epoch: int = 0, step: int = 0, with_labels: bool = False):
+                 world_size: int = 1, epoch: int = 0, step: int = 0, with_labels: bool = False,
+                 stacked: bool | None = None):
         from tcsmae.convert.store import open_store
 
         if batch_size < 1:
@@ -114,7 +121,28 @@ class SliceSource:
                 raise UserError(f"{store_path}: cases without labels {missing[:5]}; fine-tuning "
                                 "needs a store whose cases all have label maps")
         self._order_cache: tuple[int, np.ndarray] | None = None
-        self._pid = os.getpid()
+        uniform = len(self._output_grids()) == 1
+        if stacked and (cfg.augment or not uniform):
+            raise UserError(f"{store_path}: stacked batches need one slice grid for all cases "
+                            "and no augmentation; use stacked=None to fall back")
+        self.stacked = bool(uniform and not cfg.augment) if stacked is None else bool(stacked)
+
+    def _output_grids(self) -> set[tuple[int, int]]:
+        """Grids (Y, X) the eligible slices have after padding."""
+        cases = np.unique(self.store.slice_case[self.eligible])
+        grids = set()
+        for c in cases:
+            y, x = self.store.image(self.store.case_ids[int(c)]).shape[1:]
+            grids.add((max(y, x),) * 2 if self.cfg.size > 0 else (y, x))
+        return grids
+
+    def at(self, epoch: int, step: int) -> "SliceSource":
+        """A copy of this source that starts at batch `step` of `epoch`."""
+        if not 0 <= step < self.n_batches:
+            raise UserError(f"resume step {step} must lie in [0, {self.n_batches}) batches/epoch")
+        other = copy.copy(self)
+        other.start_epoch, other.start_step, other._order_cache = int(epoch), int(step), None
+        return other
 
     @property
     def num_outputs(self) -> int:
@@ -175,4 +203,6 @@ class SliceSource:
         if step >= self.n_batches:
             raise StopIteration
         samples = [self.read_sample(int(i), epoch) for i in self.batch_ids(epoch, step)]
+        if self.stacked:
+            return [[np.stack(column)] for column in zip(*samples)]
         return [list(column) for column in zip(*samples)]

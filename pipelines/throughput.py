@@ -46,32 +46,40 @@ def _draws(cfg: PipelineConfig, batches: list[np.ndarray]) -> list[np.ndarray]:
 
 
 class _Cycle:
-    """external_source callable cycling over preloaded (hu, draw) batches (no copy)."""
+    """external_source callable cycling over preloaded (hu, draw) batches (no copy).
 
-    def __init__(self, batches, draws):
-        self.batches, self.draws, self.i = batches, draws, 0
+    Each batch is handed as a dense (N, ...) array (N DALI samples), or, stacked, as a
+    one-sample list holding the whole batch."""
+
+    def __init__(self, batches, draws, stacked: bool):
+        self.batches, self.draws, self.stacked, self.i = batches, draws, stacked, 0
 
     def __call__(self):
         i = self.i
         self.i = (i + 1) % len(self.batches)
+        if self.stacked:
+            return [self.batches[i]], [self.draws[i]]
         return self.batches[i], self.draws[i]
 
 
 def memory_pipeline(batches, draws, cfg: PipelineConfig, device_id: int | None, threads: int,
-                    prefetch: int = 2):
-    """DALI pipeline over in-memory HU batches -> packed (8, H, W) per sample."""
+                    prefetch: int = 2, stacked: bool = True):
+    """DALI pipeline over in-memory HU batches -> packed (8, H, W) per sample, or with
+    stacked=True (what the loader does for uniform stores) one (N, 8, H, W) per batch."""
     from nvidia.dali import fn, pipeline_def
 
     from .graph import processing_graph
 
     @pipeline_def
     def pipe():
-        hu, draw = fn.external_source(source=_Cycle(batches, draws), num_outputs=2, batch=True,
-                                      no_copy=True, layout=["HW", None])
-        return processing_graph(hu, draw, cfg, device_id, cpu_threads=threads)["packed"]
+        hu, draw = fn.external_source(source=_Cycle(batches, draws, stacked), num_outputs=2,
+                                      batch=True, no_copy=True,
+                                      layout=[None if stacked else "HW", None])
+        return processing_graph(hu, draw, cfg, device_id, cpu_threads=threads,
+                                stacked=stacked)["packed"]
 
-    return pipe(batch_size=len(batches[0]), num_threads=threads, device_id=device_id,
-                prefetch_queue_depth=prefetch, seed=cfg.seed)
+    return pipe(batch_size=1 if stacked else len(batches[0]), num_threads=threads,
+                device_id=device_id, prefetch_queue_depth=prefetch, seed=cfg.seed)
 
 
 def _time_dali(pipe, batch_size: int, seconds: float, gpu: bool) -> float:
@@ -108,12 +116,14 @@ def _time_baseline(batches, draws, cfg, workers: int, seconds: float) -> float:
 
 def measure_preprocess(hu_batches: list[np.ndarray], cfg: PipelineConfig, device: str = "cpu",
                        workers: int = 2, seconds: float = 10.0,
-                       which: tuple[str, ...] = ("baseline", "dali_cpu", "dali_gpu")) -> dict:
+                       which: tuple[str, ...] = ("baseline", "dali_cpu", "dali_gpu"),
+                       stacked: bool = True) -> dict:
     """Slices/s of each path on the same HU batches ((N, Y, X) int16 each, >= 2 batches).
 
     device 'cpu' measures baseline and dali_cpu (dali_gpu -> None); 'cuda' all three, the GPU
     path reading from pinned host memory. workers: DataLoader workers of the baseline and
-    DALI CPU threads. Returns {name: {"slices_per_s": float} | None}.
+    DALI CPU threads. stacked: one DALI sample per batch (the loader's mode for stores of
+    one grid) or one per slice. Returns {name: {"slices_per_s": float, ...} | None}.
     """
     draws = _draws(cfg, hu_batches)
     n = len(hu_batches[0])
@@ -122,16 +132,18 @@ def measure_preprocess(hu_batches: list[np.ndarray], cfg: PipelineConfig, device
         result["baseline"] = {"slices_per_s": _time_baseline(hu_batches, draws, cfg, workers,
                                                              seconds)}
     if "dali_cpu" in which:
-        pipe = memory_pipeline(hu_batches, draws, cfg, None, workers)
-        result["dali_cpu"] = {"slices_per_s": _time_dali(pipe, n, seconds, gpu=False)}
+        pipe = memory_pipeline(hu_batches, draws, cfg, None, workers, stacked=stacked)
+        result["dali_cpu"] = {"slices_per_s": _time_dali(pipe, n, seconds, gpu=False),
+                              "stacked": stacked}
         del pipe
     if device == "cuda" and "dali_gpu" in which:
         import torch
 
         pinned = [torch.from_numpy(b).pin_memory().numpy() for b in hu_batches]
         pipe = memory_pipeline(pinned, draws, cfg, torch.cuda.current_device(), workers,
-                               prefetch=2)
-        result["dali_gpu"] = {"slices_per_s": _time_dali(pipe, n, seconds, gpu=True)}
+                               prefetch=2, stacked=stacked)
+        result["dali_gpu"] = {"slices_per_s": _time_dali(pipe, n, seconds, gpu=True),
+                              "stacked": stacked}
         del pipe
     return result
 
@@ -146,14 +158,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--which", default="baseline,dali_cpu,dali_gpu")
+    parser.add_argument("--per-sample", action="store_true",
+                        help="one DALI sample per slice instead of one per batch")
     args = parser.parse_args(argv)
     cfg = PipelineConfig(size=args.size)
     batches = synthetic_batches(args.batches, args.batch_size, args.side)
     figures = measure_preprocess(batches, cfg, args.device, args.workers, args.seconds,
-                                 tuple(args.which.split(",")))
+                                 tuple(args.which.split(",")), stacked=not args.per_sample)
     base = (figures["baseline"] or {}).get("slices_per_s")
+    mode = "per-sample" if args.per_sample else "stacked"
     print(f"| path | slices/s | x baseline |  ({args.side}x{args.side} int16 -> 2x3x"
-          f"{args.size}x{args.size}, batch {args.batch_size}, {args.workers} workers)")
+          f"{args.size}x{args.size}, batch {args.batch_size}, {args.workers} workers, {mode})")
     print("| --- | --- | --- |")
     for name, fig in figures.items():
         rate = None if fig is None else fig["slices_per_s"]

@@ -66,9 +66,13 @@ requires_cuda = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GP
 
 
 def run_graph(hus: list, draws: list, cfg, device_id=None, labels=None, affines=None,
-              threads: int = 2) -> dict:
+              threads: int = 2, stacked: bool = False) -> dict:
     """One batch of in-memory slices through processing_graph -> dict of lists of arrays:
-    original (3, H, W), masked (3, H, W), mask (1, H, W), hu (1, H, W), [label (1, H, W)]."""
+    original (3, H, W), masked (3, H, W), mask (1, H, W), hu (1, H, W), [label (1, H, W)].
+    stacked: hand the batch to DALI as one sample (equal shapes needed)."""
+    if stacked:
+        hus, draws = [np.stack(hus)], [np.stack(draws)]
+        labels = None if labels is None else [np.stack(labels)]
     from nvidia.dali import fn, pipeline_def
 
     from tcsmae.pipelines.graph import processing_graph
@@ -76,14 +80,15 @@ def run_graph(hus: list, draws: list, cfg, device_id=None, labels=None, affines=
 
     @pipeline_def
     def pipe():
-        hu = fn.external_source(source=lambda: hus, batch=True, layout="HW")
+        hu = fn.external_source(source=lambda: hus, batch=True,
+                                layout=None if stacked else "HW")
         draw = fn.external_source(source=lambda: draws, batch=True)
-        label = None if labels is None else fn.external_source(source=lambda: labels,
-                                                               batch=True, layout="HW")
+        label = None if labels is None else fn.external_source(
+            source=lambda: labels, batch=True, layout="CHW" if stacked else "HW")
         affine = None if affines is None else fn.external_source(source=lambda: affines,
                                                                  batch=True)
         out = processing_graph(hu, draw, cfg, device_id, affine=affine, label=label,
-                               cpu_threads=threads)
+                               cpu_threads=threads, stacked=stacked)
         return (out["packed"], out["label"]) if labels is not None else out["packed"]
 
     p = pipe(batch_size=len(hus), num_threads=threads, device_id=device_id,
@@ -96,8 +101,12 @@ def run_graph(hus: list, draws: list, cfg, device_id=None, labels=None, affines=
         return [np.array(tl[i]) for i in range(len(tl))]
 
     packed = arrays(outputs[0])
+    if stacked:
+        packed = list(packed[0])
     result = {k: [split_packed(a[None])[k][0] for a in packed]
               for k in ("original", "masked", "mask", "hu")}
     if labels is not None:
         result["label"] = arrays(outputs[1])
+        if stacked:
+            result["label"] = [lab[None] for lab in result["label"][0]]
     return result

@@ -66,14 +66,25 @@ def test_cpu_pipeline_equals_reference_with_resize():
     _check_against_reference(got, hus, draws, cfg, atol=1e-5, max_flipped=1e-3)
 
 
-def test_labels_follow_the_geometry_nearest_neighbour():
+@pytest.mark.parametrize("stacked", [False, True])
+def test_labels_follow_the_geometry_nearest_neighbour(stacked):
     cfg = PipelineConfig(size=24, masking="none")
     hus, draws = _inputs(cfg, [(48, 48), (48, 48)])
     rng = np.random.default_rng(1)
     labels = [rng.integers(0, 300, (48, 48)).astype(np.int16) for _ in hus]
-    got = run_graph(hus, draws, cfg, labels=labels)
+    got = run_graph(hus, draws, cfg, labels=labels, stacked=stacked)
     for lab, out in zip(labels, got["label"]):
         assert np.array_equal(out[0], resize_nearest(lab, 24))
+
+
+@pytest.mark.parametrize("size", [0, 32])
+def test_stacked_batch_equals_per_sample(size):
+    cfg = PipelineConfig(size=size)
+    hus, draws = _inputs(cfg, [(48, 48)] * 3, integer=True)
+    a = run_graph(hus, draws, cfg, stacked=True)
+    b = run_graph(hus, draws, cfg)
+    for key in ("original", "masked", "mask", "hu"):
+        assert all(np.array_equal(x, y) for x, y in zip(a[key], b[key])), key
 
 
 def test_augmentation_is_keyed_and_keeps_air_outside():
@@ -136,14 +147,14 @@ def test_gpu_pipeline_equals_cpu_without_resize(masking_mode):
 
 @gpu
 @requires_cuda
-@pytest.mark.parametrize("integer", [False, True])
-def test_gpu_pipeline_equals_cpu_with_resize(integer):
+@pytest.mark.parametrize("integer, stacked", [(False, False), (True, False), (True, True)])
+def test_gpu_pipeline_equals_cpu_with_resize(integer, stacked):
     cfg = PipelineConfig(size=64)
     hus, draws = _inputs(cfg, [(128, 128)] * 3 + [(96, 128)], integer=integer)
     if integer:
         hus = [h.astype(np.int16) for h in hus]
     cpu = run_graph(hus, draws, cfg)
-    gpu_out = run_graph(hus, draws, cfg, device_id=0)
+    gpu_out = run_graph(hus, draws, cfg, device_id=0, stacked=stacked)
     for i in range(4):
         np.testing.assert_allclose(gpu_out["original"][i], cpu["original"][i], atol=1e-5)
         np.testing.assert_allclose(gpu_out["hu"][i], cpu["hu"][i], atol=1e-2)
@@ -157,7 +168,7 @@ def test_gpu_pipeline_equals_cpu_on_real_series(real_hu):
     hus = [h for h in real_hu]
     draws = [draw_mask(cfg, 0, i, (256, 256)) for i in range(len(hus))]
     cpu = run_graph(hus, draws, cfg)
-    gpu_out = run_graph(hus, draws, cfg, device_id=0)
+    gpu_out = run_graph(hus, draws, cfg, device_id=0, stacked=True)
     for i in range(len(hus)):
         np.testing.assert_allclose(gpu_out["original"][i], cpu["original"][i], atol=1e-5)
         assert (gpu_out["mask"][i] != cpu["mask"][i]).mean() <= 1e-3
@@ -170,7 +181,8 @@ def test_gpu_loader_yields_cuda_tensors(tiny_store):
 
     path, _ = tiny_store
     loader = make_loader(path, PipelineConfig(size=32, dtype="float16"), batch_size=4,
-                         device="cuda", py_workers=1)
+                         device="cuda", py_workers=1, with_labels=False)
+    assert loader._source.stacked
     cpu_loader = make_loader(path, PipelineConfig(size=32, dtype="float16"), batch_size=4,
                              py_workers=0)
     batch, ref = next(iter(loader)), next(iter(cpu_loader))
@@ -179,6 +191,11 @@ def test_gpu_loader_yields_cuda_tensors(tiny_store):
     assert torch.equal(batch["z"].cpu(), ref["z"])
     flipped = (batch["mask"].cpu() != ref["mask"]).float().mean()
     assert flipped <= 1e-3
+    per_sample = make_loader(path, PipelineConfig(size=32), batch_size=4, device="cuda",
+                             py_workers=0, stacked=False, with_labels=True)
+    labelled = next(iter(per_sample))
+    assert labelled["label"].is_cuda and labelled["label"].shape == (4, 32, 32)
+    assert torch.equal(labelled["z"].cpu(), ref["z"])
 
 
 def test_gpu_branch_plumbing_with_numpy_stand_ins(monkeypatch):
@@ -199,3 +216,8 @@ def test_gpu_branch_plumbing_with_numpy_stand_ins(monkeypatch):
             assert g.shape == (8, 32, 32)
             np.testing.assert_allclose(g[:6], c[:6], atol=1e-5)
             assert (g[6] != c[6]).mean() <= 1e-3
+        same = [hus[0], hus[2]]
+        stacked = graph.Transform(cfg, gpu=True, stacked=True)([np.stack(same)],
+                                                               [np.stack([draws[0], draws[2]])])
+        assert len(stacked) == 1 and stacked[0].shape == (2, 8, 32, 32)
+        np.testing.assert_allclose(stacked[0][1, :6], cpu[2][:6], atol=1e-5)

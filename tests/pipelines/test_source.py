@@ -47,7 +47,7 @@ def test_epochs_are_reshuffled(tiny_store):
 def test_source_outputs_and_stop(tiny_store):
     path, volumes = tiny_store
     store = open_store(path)
-    src = SliceSource(path, PipelineConfig(size=32), 4, with_labels=True)
+    src = SliceSource(path, PipelineConfig(size=32), 4, with_labels=True, stacked=False)
     hu, draw, case, z, label = src(_Info(0, 0))
     assert len(hu) == 4 and all(h.dtype == np.float32 and h.shape == (48, 48) for h in hu)
     assert all(d.shape == (8,) and d.sum() == 6 for d in draw)
@@ -62,6 +62,22 @@ def test_source_outputs_and_stop(tiny_store):
             assert (lab[:4] == 0).all() and lab.dtype == np.int16
     with pytest.raises(StopIteration):
         src(_Info(src.n_batches, 0))
+    # stacked (the default when, as here, every case pads to one grid): the same batch as
+    # one array per output
+    stacked = SliceSource(path, PipelineConfig(size=32), 4, with_labels=True)
+    assert stacked.stacked
+    columns = stacked(_Info(0, 0))
+    assert all(len(c) == 1 for c in columns)
+    assert np.array_equal(columns[0][0], np.stack(hu)) and columns[2][0].shape == (4, 1)
+    assert np.array_equal(columns[4][0], np.stack(label))
+
+
+def test_stacked_only_where_possible(tiny_store, tmp_path):
+    path, _ = tiny_store
+    assert not SliceSource(path, PipelineConfig(size=0), 4).stacked        # 48x48 and 40x48
+    assert not SliceSource(path, PipelineConfig(size=32, augment=True), 4).stacked
+    with pytest.raises(UserError, match="stacked"):
+        SliceSource(path, PipelineConfig(size=0), 4, stacked=True)
 
 
 def test_body_fraction_filter(tiny_store):
@@ -133,6 +149,21 @@ def test_parallel_workers_give_the_same_batches(tiny_store, monkeypatch, start_m
     parallel = _collect(make_loader(path, cfg, batch_size=6, py_workers=2, num_threads=2), 4)
     for a, b in zip(serial, parallel):
         assert torch.equal(a["z"], b["z"]) and torch.equal(a["masked"], b["masked"])
+
+
+@pytest.mark.parametrize("with_labels", [False, True])
+def test_stacked_and_per_sample_loaders_agree(tiny_store, with_labels):
+    path, _ = tiny_store
+    cfg = PipelineConfig(size=32)
+    a = _collect(make_loader(path, cfg, batch_size=4, py_workers=0, stacked=True,
+                             with_labels=with_labels), 3)
+    b = _collect(make_loader(path, cfg, batch_size=4, py_workers=0, stacked=False,
+                             with_labels=with_labels), 3)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            assert x[key].shape == y[key].shape, key
+            assert torch.equal(x[key], y[key]), key
 
 
 def test_loader_keys_shapes_and_dtypes(tiny_store):
