@@ -177,10 +177,9 @@ class _InlinePool:
 def _pool(workers: int):
     """A process pool whose workers hold the converter modules before the first task.
 
-    On Linux, when this process is still single-threaded (no zarr event loop, no
-    progress-bar thread yet, no threads of a calling program), the workers are forked right
-    away (cheap: modules already imported). Otherwise they come from a forkserver (or spawn)
-    with the converter modules preloaded.
+    On Linux, when this process runs no threads but fork-safe ones (see `_fork_safe`), the
+    workers are forked right away (cheap: modules already imported). Otherwise they come
+    from a forkserver (or spawn) with the converter modules preloaded.
     """
     if workers == 1:
         return _InlinePool()
@@ -195,8 +194,7 @@ def _pool(workers: int):
     import tcsmae.convert.store  # noqa: F401
 
     methods = multiprocessing.get_all_start_methods()
-    # fork only a single-threaded process (a caller may have started torch/DALI threads)
-    if sys.platform.startswith("linux") and "fork" in methods and threading.active_count() == 1:
+    if sys.platform.startswith("linux") and "fork" in methods and _fork_safe():
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"))
         pool.submit(os.getpid).result()  # with fork, all workers start at the first task
         return pool
@@ -208,6 +206,19 @@ def _pool(workers: int):
     else:
         context = multiprocessing.get_context("spawn")
     return ProcessPoolExecutor(max_workers=workers, mp_context=context)
+
+
+FORK_SAFE_THREADS = ("zarr_io", "asyncio_", "tqdm_monitor")
+"""Name prefixes of threads that do not stop a fork: zarr's event loop and its executor
+threads (zarr resets its loop in a forked child, os.register_at_fork), tqdm's monitor."""
+
+
+def _fork_safe() -> bool:
+    """Whether this process may fork workers: no threads but the main one and known ones
+    (a calling program may run torch/DALI/TensorBoard threads, which forking could copy
+    mid-operation)."""
+    others = [t for t in threading.enumerate() if t is not threading.main_thread()]
+    return all(t.name.startswith(FORK_SAFE_THREADS) for t in others)
 
 
 def _scan(files: list[Path], pool) -> list:

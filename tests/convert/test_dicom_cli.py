@@ -297,3 +297,19 @@ def test_worker_process_killed_after_writing_arrays(tmp_path, convert, two_serie
     store = open_store(tmp_path / "k.zarr")
     assert sorted(store.case_ids) == sorted([uid(a), uid(b)])
     np.testing.assert_array_equal(store.image(uid(b))[:], b.hu)
+
+
+def test_no_fork_while_a_foreign_thread_runs():
+    import threading
+
+    from tcsmae.convert.dicom_to_zarr import _fork_safe
+
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait, name="someone-elses-thread", daemon=True)
+    t.start()
+    try:
+        assert not _fork_safe()
+    finally:
+        stop.set()
+        t.join()
+    assert _fork_safe()
