@@ -548,3 +548,23 @@ def test_slices_sorted_along_the_normal_not_by_z_or_instance_number(tmp_path, co
     first = s.datasets[s.order[0]]
     assert attrs["origin_mm"] == pytest.approx([float(v) for v in first.ImagePositionPatient])
     assert attrs["spacing_mm"] == pytest.approx([3.0, 0.8, 0.7])
+
+
+def test_8_modality_lut_sequence_is_applied_by_pydicom(tmp_path, convert):
+    """A Modality LUT Sequence instead of rescale tags: HU = LUT[stored]."""
+    from pydicom.sequence import Sequence
+
+    s = ct_series(n=3)  # stored = HU + 1024 in 0..4095: indices into the LUT
+    for ds in s.datasets:
+        del ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType
+        item = Dataset()
+        item.LUTDescriptor = [4096, 0, 16]
+        item.ModalityLUTType = "HU"
+        item.add_new(0x00283006, "US", [2 * i for i in range(4096)])  # LUTData: a LUT that doubles
+        ds.ModalityLUTSequence = Sequence([item])
+    write_series(s.datasets, tmp_path / "lut")
+    code, out = convert(tmp_path / "lut", "-o", tmp_path / "out.zarr")
+    assert code == 0, out
+    hu, attrs = only_case(tmp_path / "out.zarr")
+    np.testing.assert_array_equal(hu, 2 * (s.hu + 1024))
+    assert attrs["modality_lut"] == "ModalityLUTSequence"
