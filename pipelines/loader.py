@@ -105,6 +105,10 @@ class SliceLoader:
         self._built_at: tuple[int, int] | None = None
         self._source = SliceSource(store_path, cfg, batch_size, rank, world_size, epoch, step,
                                    with_labels, stacked)
+        if cfg.size == 0 and len(self._source._output_grids()) > 1:
+            raise UserError(f"{store_path}: its slices have different grids "
+                            f"{sorted(self._source._output_grids())}; size=0 keeps them, so "
+                            "they cannot form one batch tensor: set a positive size")
 
     def __len__(self) -> int:
         """Batches per full epoch on this rank."""

@@ -181,6 +181,12 @@ def test_loader_keys_shapes_and_dtypes(tiny_store):
     assert torch.equal(batch["masked"], batch["original"]) and bool((batch["mask"] == 1).all())
 
 
+def test_loader_refuses_mixed_grids_without_resize(tiny_store):
+    path, _ = tiny_store
+    with pytest.raises(UserError, match="different grids"):
+        make_loader(path, PipelineConfig(size=0), batch_size=4, py_workers=0)
+
+
 def test_set_epoch_restarts_at_that_epoch(tiny_store):
     path, _ = tiny_store
     cfg = PipelineConfig(size=32)
