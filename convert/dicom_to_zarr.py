@@ -144,6 +144,7 @@ def _scan_plan_convert(args, jobs: list[Job], files_of_job: list[list[Path]], al
 
 def _jobs_from_args(args) -> list[Job]:
     from tcsmae.convert.manifest import read_manifest
+    from tcsmae.convert.store import check_case_id
     from tcsmae.errors import UserError
 
     jobs: list[Job] = []
@@ -153,6 +154,8 @@ def _jobs_from_args(args) -> list[Job]:
         raise UserError("--labels and --case-id apply to the series in SRC; give SRC (or use the manifest's columns)")
     if args.manifest:
         for row in read_manifest(args.manifest):
+            if row.case_id is not None:
+                check_case_id(row.case_id)
             jobs.append(Job([row.source], row.labels, row.case_id, row.patient_id, f"{args.manifest} line {row.line}"))
     if not jobs:
         raise UserError("nothing to convert: give SRC folders/files or --manifest FILE.csv")
@@ -255,12 +258,29 @@ def _plan(jobs: list[Job], files_of_job: list[list[Path]], scan_of: dict) -> tup
                 plan.case_id = job.case_id
             plan.labels = str(job.labels) if job.labels else None
             plan.patient_id = job.patient_id
+            plan.source_sha256 = _with_inputs_digest(plan.source_sha256, job)
             if plan.case_id in seen:
                 outcomes.append(Outcome(plan.case_id, "failed", 0, f"case id already used by {seen[plan.case_id]}", plan.first_file))
                 continue
             seen[plan.case_id] = plan.description
             plans.append(plan)
     return plans, outcomes
+
+
+def _with_inputs_digest(dicom_digest: str, job: Job) -> str:
+    """The case's source digest: its DICOM files, plus the label map and patient id when given
+    (so that adding labels later is a change, not 'up to date')."""
+    import hashlib
+
+    if job.labels is None and job.patient_id is None:
+        return dicom_digest
+    parts = [dicom_digest]
+    if job.labels is not None:
+        with open(job.labels, "rb") as f:
+            parts.append("labels:" + hashlib.file_digest(f, "sha256").hexdigest())
+    if job.patient_id is not None:
+        parts.append("patient_id:" + job.patient_id)
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 def _convert(todo: list, writer, pool, args) -> list[Outcome]:

@@ -232,6 +232,9 @@ def test_manifest_mistakes_are_usage_errors(tmp_path, convert):
     assert len(rows) == 1 and rows[0].labels is None and rows[0].case_id is None and rows[0].source == tmp_path
     code, out = convert("--manifest", tmp_path / "none.csv", "-o", tmp_path / "x.zarr")
     assert code == 2 and "does not exist" in out
+    m.write_text(f"source,case_id\n{tmp_path},bad/id\n")
+    code, out = convert("--manifest", m, "-o", tmp_path / "x.zarr")
+    assert code == 2 and "'bad/id' is not usable" in out
 
 
 def test_script_form_with_two_workers(tmp_path, two_series):

@@ -113,6 +113,15 @@ def test_cli_with_labels_and_a_misaligned_label_map(tmp_path, capsys):
     np.testing.assert_array_equal(store.label(case)[:], lab)
     assert store.case_attrs(case)["labels_source"].endswith("good.nii.gz")
 
+    # labels added to a case converted without them: a changed source, not 'up to date'
+    assert main(["convert", str(tmp_path / "s"), "-o", str(tmp_path / "later.zarr"), "--workers", "1"]) == 0
+    args = ["convert", str(tmp_path / "s"), "--labels", str(tmp_path / "good.nii.gz"), "-o", str(tmp_path / "later.zarr"), "--workers", "1"]
+    capsys.readouterr()
+    assert main(args) == 1
+    assert "--overwrite" in capsys.readouterr().out
+    assert main([*args, "--overwrite"]) == 0
+    np.testing.assert_array_equal(open_store(tmp_path / "later.zarr").label(case)[:], lab)
+
     shifted = a.copy()
     shifted[:3, 3] += shifted[:3, 2]  # one slice off
     write_nifti_labels(lab, shifted, tmp_path / "bad.nii.gz")
