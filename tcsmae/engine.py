@@ -107,7 +107,10 @@ def build_training(cfg: TrainConfig, ctx: DistContext) -> TrainingSetup:
         model = nn.parallel.DistributedDataParallel(core, device_ids=device_ids)
     if cfg.compile:
         model = torch.compile(model)
-    optimizer = torch.optim.Adam([p for p in core.parameters() if p.requires_grad], lr=cfg.lr)
+    if ctx.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
+    params = [p for p in core.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, fused=ctx.device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.lr_gamma)
     amp = amp_dtype(cfg.precision, ctx.device)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp is torch.float16)
@@ -396,10 +399,11 @@ def _peak_flops(device: torch.device) -> float | None:
 
 
 def measure_train_step(cfg: TrainConfig, device: str | torch.device, batch_size: int,
-                       seconds: float = 10.0, warmup_steps: int = 3) -> dict:
+                       seconds: float = 10.0, warmup_steps: int = 3, profile: bool = False) -> dict:
     """Training-step throughput on in-memory synthetic batches at cfg.input_size.
 
-    Runs `warmup_steps` steps, then as many as fit in `seconds`. Returns
+    Runs `warmup_steps` steps (compilation included with cfg.compile), then as many as fit in
+    `seconds`; `profile=True` also prints the top CUDA kernels of 3 steps. Returns
     {pairs_per_s, peak_mem_gb (GPU: max allocated; CPU: process peak RSS), mfu (None without a
     known GPU peak), flops_per_pair, steps, batch_size, device, precision}.
     """
@@ -417,12 +421,27 @@ def measure_train_step(cfg: TrainConfig, device: str | torch.device, batch_size:
     source = SyntheticBatches(batch_size, cfg.input_size, steps_per_epoch=1, seed=cfg.seed, device=dev)
     batch = source.batch(0, 0)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    with FlopCounterMode(display=False) as counter:
-        train_step(setup, batch, ctx)
-    flops_per_step = float(counter.get_total_flops())
+    masked, original = _inputs(batch, setup, dev)
+    with torch.no_grad(), torch.autocast(dev.type, dtype=setup.amp or torch.float32, enabled=setup.amp is not None):
+        with FlopCounterMode(display=False) as counter:  # forward of both branches, uncompiled
+            setup.core(masked, original)
+    # training = 3x the forward (PaLM's MFU convention); FlopCounterMode's own backward count
+    # treats depthwise convolutions (MiT's Mix-FFN) as dense and overstates them ~200x.
+    flops_per_step = 3.0 * float(counter.get_total_flops())
     for _ in range(warmup_steps):
         train_step(setup, batch, ctx)
     sync()
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        with torch_profile(activities=activities) as prof:
+            for _ in range(3):
+                train_step(setup, batch, ctx)
+            sync()
+        key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     steps, start = 0, time.perf_counter()
