@@ -265,7 +265,11 @@ class CTStore:
     def _array(self, key: str):
         arr = self._arrays.get(key)
         if arr is None:
-            arr = self.root[key]
+            import warnings
+
+            with warnings.catch_warnings():  # lz4 stores: "numcodecs codec not in the v3 spec"
+                warnings.simplefilter("ignore")
+                arr = self.root[key]
             self._arrays[key] = arr
         return arr
 
