@@ -182,6 +182,12 @@ def build_model(encoder: str, out_channels: int, init: str):
     if not isinstance(state, dict):
         raise UserError(f"--init {init}: not a plain state dict; give weights.pt from `tcsmae export`")
     body = {k: v for k, v in state.items() if not k.startswith("segmentation_head.")}
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in body.items()
+             if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        raise UserError(f"--init {init} does not fit smp.Unet({encoder!r}): {len(wrong)} tensors differ in "
+                        f"shape, e.g. {wrong[0]}; was it exported with another encoder?")
     missing, unexpected = model.load_state_dict(body, strict=False)
     missing = [k for k in missing if not k.startswith("segmentation_head.")]
     if missing or unexpected:
@@ -409,7 +415,7 @@ def _checkpoint(model, optimizer, epoch, history, best_dsc, cfg, fold, encoder, 
 def _run_key(cfg: FinetuneConfig) -> dict:
     """The settings a finished or interrupted fold must share to be reused or resumed."""
     key = _plain(asdict(cfg))
-    for volatile in ("fold", "device", "workers"):
+    for volatile in ("fold", "device", "workers", "epochs"):  # more epochs = continue training
         key.pop(volatile)
     return key
 
@@ -437,7 +443,7 @@ def run_fold(store, store_path, cfg: FinetuneConfig, fold_index: int, train_ids,
     scores_path = fold_dir / "scores.json"
     if scores_path.is_file():
         done = json.loads(scores_path.read_text())
-        if done.get("run_key") == _run_key(cfg):
+        if done.get("run_key") == _run_key(cfg) and len(done.get("history", [])) >= cfg.epochs:
             print(f"fold {fold_index}: already done ({scores_path})")
             return done
     device = resolve_device(cfg.device)
