@@ -184,3 +184,10 @@ def load_label_map(spec: str | Path | None) -> LabelMap:
     except json.JSONDecodeError as exc:
         raise UserError(f"label map {path}: not valid JSON ({exc}); fix the file") from None
     return label_map_from_json(data, str(path))
+
+
+def label_map_from_record(record: dict, source: str) -> LabelMap:
+    """The LabelMap saved by `LabelMap.to_json` (results.json, finetuned.json)."""
+    if record.get("all_nonzero"):
+        return foreground_map()
+    return label_map_from_json({k: record[k] for k in ("classes", "groups", "name", "note") if k in record}, source)
