@@ -94,15 +94,6 @@ def all_reduce_mean(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return values
 
 
-def all_true(flag: bool, ctx: DistContext) -> bool:
-    """True only if `flag` is true on every rank (so all ranks take the same branch)."""
-    if not ctx.distributed:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=ctx.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item() > 0.5)
-
-
 def broadcast_object(obj, ctx: DistContext):
     """Rank 0's value of a picklable object on every rank."""
     if not ctx.distributed:

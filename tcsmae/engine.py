@@ -33,7 +33,7 @@ from torch import nn
 
 from tcsmae.checkpoint import FORMAT, VERSION, capture_rng_state, restore_rng_state, save_checkpoint
 from tcsmae.config import TrainConfig, to_plain
-from tcsmae.distributed import DistContext, all_true, barrier
+from tcsmae.distributed import DistContext, barrier
 from tcsmae.errors import UserError
 from tcsmae.losses import PretrainingLoss
 from tcsmae.model import TCSMAE
@@ -143,7 +143,12 @@ def train_step(setup: TrainingSetup, batch: dict, ctx: DistContext, keep_output:
     terms = setup.criterion(out, original)  # fp32, outside autocast
     setup.scaler.scale(terms.loss).backward()  # always: DDP expects every rank's backward
     stats = torch.stack([terms.loss.detach(), terms.loss_ssim.detach(), terms.loss_con.detach()])
-    finite = all_true(bool(torch.isfinite(stats).all().item()), ctx)
+    if ctx.distributed:  # mean over ranks; a NaN/inf on any rank makes the mean non-finite
+        torch.distributed.all_reduce(stats)
+        stats /= ctx.world_size
+    temperature = out.temperature.detach().reshape(1) if out.temperature is not None else stats.new_ones(1)
+    loss, loss_ssim, loss_con, t = torch.cat([stats, temperature.float()]).tolist()  # the one host sync
+    finite = all(math.isfinite(v) for v in (loss, loss_ssim, loss_con))  # same decision on every rank
     if finite:
         setup.scaler.step(setup.optimizer)
         setup.scaler.update()
@@ -153,12 +158,8 @@ def train_step(setup: TrainingSetup, batch: dict, ctx: DistContext, keep_output:
         setup.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             torch._foreach_copy_(buffers, saved)
-    if ctx.distributed:
-        torch.distributed.all_reduce(stats)
-        stats /= ctx.world_size
-    loss, loss_ssim, loss_con = stats.tolist()
-    temperature = None if out.temperature is None else float(out.temperature.detach())
-    values = {"loss": loss, "loss_ssim": loss_ssim, "loss_con": loss_con, "temperature": temperature}
+    values = {"loss": loss, "loss_ssim": loss_ssim, "loss_con": loss_con,
+              "temperature": t if out.temperature is not None else None}
     kept = None
     if keep_output:
         kept = (masked.detach(), original.detach(), out.recon_masked.detach(), out.recon_original.detach())
