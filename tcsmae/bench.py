@@ -160,7 +160,7 @@ def _phantom_case_arrays(args: tuple) -> tuple[str, str, list]:
     from tcsmae.convert.phantom import make_case
     from tcsmae.convert.store import write_case_arrays
 
-    store, cfg, index = args
+    store, cfg, index, codec = args
     case = make_case(cfg, index)
     z, _, _ = case.hu.shape
     origin = list(case.origin_mm)
@@ -172,17 +172,18 @@ def _phantom_case_arrays(args: tuple) -> tuple[str, str, list]:
         "patient_id": case.patient_id, "study_uid": "", "series_uid": "",
         "source_sha256": sha, "warnings": [], "source": f"tcsmae phantom ({PHANTOM_VERSION})",
     }
-    bf = write_case_arrays(store, case.case_id, case.hu, attrs, labels=case.labels)
+    bf = write_case_arrays(store, case.case_id, case.hu, attrs, labels=case.labels, codec=codec)
     return case.case_id, sha, bf.tolist()
 
 
 def phantom_store(folder: str | Path, size: int = 512, cases: int = 16, slices: int = 32,
-                  processes: int | None = None) -> Path:
+                  processes: int | None = None, codec: str = "zstd") -> Path:
     """A store of phantom cases (HU (slices, size, size) int16 + labels) in `folder`.
 
     Built once (file lock; reused when complete). Cases are drawn in parallel processes and
     written straight into the store (the DICOM round trip of `tcsmae convert` costs ~10x
-    more and is not what this benchmark measures). Returns folder/phantom.zarr.
+    more and is not what this benchmark measures). codec: the store's chunk compression
+    (zstd, as `tcsmae convert` writes by default; lz4; none). Returns folder/phantom.zarr.
     """
     from concurrent.futures import ProcessPoolExecutor
 
@@ -203,8 +204,8 @@ def phantom_store(folder: str | Path, size: int = 512, cases: int = 16, slices: 
         except UserError:
             pass
         processes = max(1, min(processes or os.cpu_count() or 1, cases))
-        jobs = [(path, cfg, i) for i in range(cases)]
-        with StoreWriter(path) as writer:
+        jobs = [(path, cfg, i, codec) for i in range(cases)]
+        with StoreWriter(path, codec=codec) as writer:
             with ProcessPoolExecutor(processes) as pool:
                 for case_id, sha, bf in pool.map(_phantom_case_arrays, jobs):
                     writer.commit_case(case_id, np.asarray(bf, dtype=np.float32), sha)
@@ -550,6 +551,12 @@ def _ratio(num, den):
     return num / den if num and den else None
 
 
+def _git_revision() -> str | None:
+    from tcsmae.engine import git_revision
+
+    return git_revision()
+
+
 def run_bench(cfg: BenchConfig, say=print) -> dict:
     """Measure every stage (a failing stage is recorded under `errors` and left null)."""
     import traceback
@@ -574,6 +581,7 @@ def run_bench(cfg: BenchConfig, say=print) -> dict:
     result: dict = {
         "schema": "tcsmae-bench/1",
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "git": _git_revision(),
         "machine": machine_info(),
         "config": {"bench": to_plain(asdict(cfg)), "train": to_plain(tcfg),
                    "data": {"store": str(store_path), "phantom": cfg.data is None,
@@ -669,6 +677,9 @@ def markdown_table(result: dict) -> str:
          fmt(g("end_to_end.at_best_batch.pairs_per_s"))),
         ("end_to_end", "data stall at the best batch", fmt(g("end_to_end.at_best_batch.data_stall"), 3)),
     ]
+    optional = {"dali_gpu slices/s at batch", "best batch size", "pairs/s at the best batch",
+                "data stall at the best batch"}  # GPU-only rows: shown when measured
+    rows = [r for r in rows if r[2] != "-" or not any(r[1].startswith(o) for o in optional)]
     m = result["machine"]
     head = (f"tcsmae bench on {m['gpu'] or 'CPU only'} / {m['cpu_model']} x{m['cpu_count']}: "
             f"{bench['encoder']} at {bench['size']}x{bench['size']}, {bench['device']}")
