@@ -176,3 +176,19 @@ def test_non_finite_losses_skip_steps_then_abort(tmp_path):
     assert lines[0]["slices"] == [[0, 0], [1, 1], [2, 2], [3, 3]]  # (case_index, z) of the batch
     after = setup.core.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items())  # weights and BN statistics
+
+
+@pytest.mark.parametrize("variant", ["scales0", "authors"])
+def test_ablation_variants_train(tmp_path, variant):
+    from tcsmae.config import apply_overrides
+    from tcsmae.pretrain import VARIANTS
+
+    overrides = {"model": {"mep_levels": []}} if variant == "scales0" else VARIANTS["authors"]
+    cfg = apply_overrides(tiny_config(epochs=1, steps_per_epoch=2, checkpoint_every=0), overrides)
+    pos = pretrain(cfg, SyntheticBatches(4, 64, steps_per_epoch=2), tmp_path, CPU)
+    for h in pos.history:
+        assert h["temperature"] is None
+        if variant == "scales0":
+            assert h["loss_con"] == 0.0 and h["loss"] == h["loss_ssim"]
+        else:
+            assert 0 < h["loss_con"] <= 2000  # 1000 * (1 - cos), summed over F3..F5
