@@ -191,4 +191,4 @@ def test_ablation_variants_train(tmp_path, variant):
         if variant == "scales0":
             assert h["loss_con"] == 0.0 and h["loss"] == h["loss_ssim"]
         else:
-            assert 0 < h["loss_con"] <= 2000  # 1000 * (1 - cos), summed over F3..F5
+            assert 0 < h["loss_con"] <= 3 * 2000  # 1000 * (1 - cos) <= 2000 per level, F3..F5
