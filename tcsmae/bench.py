@@ -396,17 +396,25 @@ def build_trainer(tcfg, device: str) -> Trainer:
 
 
 def flops_per_pair(trainer: Trainer, pairs: int = 2) -> float:
-    """FLOPs of one training step (forward of both branches, fp32 losses, backward) per
-    pair, counted by torch.utils.flop_counter.FlopCounterMode on a batch of `pairs`
-    (the count is linear in the batch but for the N x N similarity, which is negligible)."""
+    """Training FLOPs per pair: 3x the forward of both branches (PaLM's MFU convention),
+    counted by torch.utils.flop_counter.FlopCounterMode on a batch of `pairs`.
+
+    The forward is counted, not a whole step, because FlopCounterMode's backward formula
+    treats depthwise convolutions (MiT's Mix-FFN) as dense and overstates them by ~200x
+    (found by the training engineer; tcsmae.engine.measure_train_step counts the same way).
+    """
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from tcsmae.engine import SyntheticBatches, train_step
+    from tcsmae.engine import SyntheticBatches
 
-    batch = SyntheticBatches(pairs, trainer.size, 1, device=trainer.ctx.device).batch(0, 0)
-    with FlopCounterMode(display=False) as counter:
-        train_step(trainer.setup, batch, trainer.ctx)
-    return float(counter.get_total_flops()) / pairs
+    setup, dev = trainer.setup, trainer.ctx.device
+    batch = SyntheticBatches(pairs, trainer.size, 1, device=dev).batch(0, 0)
+    amp = setup.amp
+    with torch.no_grad(), torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+        with FlopCounterMode(display=False) as counter:
+            setup.core(batch["masked"], batch["original"])
+    return 3.0 * float(counter.get_total_flops()) / pairs
 
 
 def measure_train(trainer: Trainer, batch_size: int, seconds: float, flops: float | None = None) -> dict:
