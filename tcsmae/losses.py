@@ -107,9 +107,13 @@ def gather_with_grad(x: Tensor) -> Tensor:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
+    import warnings
+
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+    with warnings.catch_warnings():  # its suggested successor lives in a private module whose names
+        warnings.simplefilter("ignore", FutureWarning)  # still change between releases
+        return torch.cat(all_gather(x.contiguous()), dim=0)
 
 
 def global_nt_xent(z_masked: Tensor, z_original: Tensor, temperature: Tensor | float) -> Tensor:

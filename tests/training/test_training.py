@@ -82,6 +82,29 @@ def test_resume_from_one_epoch_repeats_the_two_epoch_run(phantom_store, tmp_path
     assert json.loads((b / "config.json").read_text())["epochs"] == 2
     assert any((a / "tensorboard").iterdir())
 
+    # mid-epoch: crash after the checkpoint at step 6 (epoch 1, batch 2), resume from it
+    from tcsmae.config import config_from_dict
+    from tcsmae.pretrain import StoreBatches
+
+    cfg = config_from_dict(json.loads((a / "config.json").read_text()))
+
+    class Crash(StoreBatches):
+        def __call__(self, epoch, start_step):
+            for i, batch in enumerate(super().__call__(epoch, start_step)):
+                if (epoch, start_step + i) == (1, 3):
+                    raise KeyboardInterrupt
+                yield batch
+
+    c = tmp_path / "c"
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg, Crash(phantom_store, cfg, CPU), c, CPU)
+    ckpt = load_checkpoint(c / "checkpoints" / "last.pt")
+    assert ckpt["data_position"] == {"epoch": 1, "step": 2}
+    pretrain(cfg, StoreBatches(phantom_store, cfg, CPU), c, CPU, resume=ckpt)
+    mc = metrics(c)
+    assert [m["step"] for m in mc] == list(range(1, 9))
+    assert [m["loss"] for m in mc] == [m["loss"] for m in ma]
+
 
 def test_short_training_on_phantom_slices_lowers_the_loss(phantom_store, tmp_path):
     assert run_cli("--data", phantom_store, "--out", tmp_path, "--epochs", 4, "--lr", "2e-3",
