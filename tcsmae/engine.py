@@ -282,7 +282,12 @@ def git_revision() -> str | None:
 
 def restore(setup: TrainingSetup, ckpt: dict, ctx: DistContext) -> Position:
     """Load a checkpoint's states into `setup`; returns the position to continue from."""
-    setup.core.load_state_dict(ckpt["model"])
+    try:
+        setup.core.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise UserError(f"the checkpoint's weights do not fit the model of this config ({first} ...): resume "
+                        "without changing the model (--encoder, --mep-levels, --variant, projection)") from None
     setup.optimizer.load_state_dict(ckpt["optimizer"])
     setup.scheduler.load_state_dict(ckpt["scheduler"])
     setup.scaler.load_state_dict(ckpt["scaler"])

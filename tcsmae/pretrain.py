@@ -32,7 +32,8 @@ def add_arguments(parser) -> None:
       "built on first use in $TCSMAE_CACHE or ~/.cache/tcsmae)")
     a("--out", default="runs/pretrain", metavar="DIR", help="run folder (default: %(default)s)")
     a("--preset", choices=("paper", "demo"), default=None,
-      help="paper = the paper's setup (default); demo = mit_b0, 128x128, a few hundred steps (CPU)")
+      help="paper = the paper's setup (default); demo = mit_b0, 128x128, a few hundred steps (CPU); "
+      "ignored with --resume (the checkpoint's config is the base)")
     a("--variant", choices=("paper", "authors"), default=None,
       help="authors = the public code's loss: cosine-embedding x1000 on max-pooled heads of F3..F5, SSIM window 15")
     a("--config", metavar="FILE", help="JSON file of config overrides, nested like DIR/config.json")

@@ -117,12 +117,15 @@ def test_short_training_on_phantom_slices_lowers_the_loss(phantom_store, tmp_pat
     assert mean(last, "loss_ssim") < 0.8 * mean(first, "loss_ssim")
 
 
-def test_resize_on_resume_is_refused(phantom_store, tmp_path, capsys):
+def test_resize_or_new_heads_on_resume_are_refused(phantom_store, tmp_path, capsys):
     assert run_cli("--data", phantom_store, "--out", tmp_path, "--epochs", 1, "--steps-per-epoch", 1) == 0
-    code = run_cli("--resume", tmp_path / "checkpoints" / "last.pt", "--data", phantom_store,
-                   "--out", tmp_path, "--size", 96, "--epochs", 2)
+    last = tmp_path / "checkpoints" / "last.pt"
+    code = run_cli("--resume", last, "--data", phantom_store, "--out", tmp_path, "--size", 96, "--epochs", 2)
     assert code == 2
     assert "trained at 64x64" in capsys.readouterr().err
+    code = run_cli("--resume", last, "--data", phantom_store, "--out", tmp_path, "--mep-levels", "F5", "--epochs", 2)
+    assert code == 2
+    assert "do not fit the model" in capsys.readouterr().err
 
 
 def test_resume_mid_epoch_continues_the_data_position(tmp_path, one_thread):
