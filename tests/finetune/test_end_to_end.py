@@ -99,11 +99,25 @@ def test_lungs_train_equals_val_and_predict_nifti(stores, shared_data, capsys):
     assert classes["1"] == {"name": "lung", "stored_ids": LUNG_IDS}
 
 
-def test_liver_both_volumes_train_equals_val(stores):
+def test_liver_both_volumes_train_equals_val_and_predict_dicom(stores, shared_data):
     results = _finetune(stores, "both", "liver", "liver1", "--folds", "1", "--epochs", "8")
     per_case = {c: v["classes"]["liver"]["dsc"] for c, v in results["cases"].items()}
     print(f"liver DSC per volume (train = val): {per_case}")
     assert len(per_case) == 2 and min(per_case.values()) > 0.7
+
+    # predict from the raw DICOM folder; the NIfTI (RAS layout) must sit on the label file's grid
+    pred_dir = stores["root"] / "pred-dicom"
+    assert main(["predict", "--weights", str(stores["root"] / "liver1" / "fold_0" / "finetuned.pt"), "--dicom",
+                 str(shared_data / "totalseg-dicom-series"), "-o", str(pred_dir), "--device", "cpu"]) == 0
+    (out,) = sorted(pred_dir.glob("*.nii.gz"))
+    dicom_case = out.name.removesuffix(".nii.gz")
+    pred = nib.as_closest_canonical(nib.load(str(out)))
+    ref = nib.as_closest_canonical(nib.load(str(shared_data / "totalseg-dicom-series-seg.nii.gz")))
+    assert pred.shape == ref.shape
+    np.testing.assert_allclose(pred.affine, ref.affine, atol=1e-3)
+    p = np.asarray(pred.dataobj) == 1
+    r = np.asarray(ref.dataobj) == 5
+    assert 2 * (p & r).sum() / (p.sum() + r.sum()) == pytest.approx(per_case[dicom_case], abs=1e-6)
 
 
 def _fold_validating_dicom(store_path) -> int:
