@@ -26,6 +26,21 @@ Output folder:
     DIR/fold_K/finetuned.pt/.json  the fine-tuned smp.Unet state dict + what `predict` needs
     DIR/results.json               folds, mean, std, cases, config, label map, weights' metadata
     DIR/val_dsc.png                online validation DSC per epoch (Fig. 4)
+
+results.json:
+
+    folds      [{"fold": k, "evaluated_epoch": e,
+                 "classes": {name: {"dsc", "hd95_mm", "n_undefined": {"dsc", "hd95_mm"}, "n_cases"}},
+                 "groups": {...same...}}]      a fold's figure = mean over its validation cases
+    mean, std  same shape, over folds (population std); n_undefined and n_cases are totals
+    cases      {case_id: {"fold": k, "classes": {name: {"dsc", "hd95_mm"}}, "groups": ...}}
+               (per-case values: the pairs of `tcsmae report`'s Wilcoxon test)
+    config     asdict(FinetuneConfig); label_map; weights (weights.json, or {"init": "scratch"})
+    complete   all folds done; n_folds; run (folder name)
+
+Undefined values are null (never NaN): DSC when the reference is empty (the structure is
+absent from the case), HD95 when the prediction or the reference is empty (tcsmae.metrics);
+means are over the defined values and n_undefined counts the rest.
 """
 
 from __future__ import annotations
