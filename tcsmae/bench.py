@@ -305,7 +305,9 @@ def measure_read(store, ids, seconds: float, workers: int, batch_size: int) -> d
     n, elapsed = _timed(one, seconds, warmup=2)
     single = n / elapsed
 
-    loader = torch.utils.data.DataLoader(_ReadSlices(store, ids), batch_size=batch_size,
+    # an epoch long enough to keep every worker busy (8 batches each), not just the pool's
+    repeated = np.resize(np.asarray(ids), max(len(ids), 8 * workers * batch_size))
+    loader = torch.utils.data.DataLoader(_ReadSlices(store, repeated), batch_size=batch_size,
                                          num_workers=workers, collate_fn=_count,
                                          persistent_workers=True, prefetch_factor=4)
     state = {"it": iter(loader)}
@@ -334,14 +336,16 @@ def measure_preprocess_stage(hu, pcfg, device: str, workers: int, batch_size: in
     Returns {baseline, dali_cpu, dali_gpu: {"slices_per_s": float} | None} (see
     tcsmae.pipelines.throughput.measure_preprocess: same transform, same batches, W workers).
     """
+    import numpy as np
+
     from tcsmae.pipelines.throughput import measure_preprocess
 
     n_batches = max(2, len(hu) // batch_size)
-    batches = [hu[(k * batch_size) % len(hu):][:batch_size] for k in range(n_batches)]
-    batches = [b for b in batches if len(b) == batch_size]
-    if len(batches) < 2:
-        raise UserError(f"the slice pool ({len(hu)} slices) holds fewer than 2 batches of {batch_size}; "
-                        "raise --pool-slices or lower --batch-size")
+    if "baseline" in which:
+        # the baseline's DataLoader epoch is these batches: >= 4 per worker, or some of the
+        # W workers would sit idle and the baseline would be understated
+        n_batches = max(n_batches, 4 * workers)
+    batches = [hu[(np.arange(batch_size) + k * batch_size) % len(hu)] for k in range(n_batches)]
     return measure_preprocess(batches, pcfg, device, workers=workers, seconds=seconds, which=which)
 
 
@@ -769,7 +773,8 @@ def config_from_args(args) -> BenchConfig:
         batch_size=pick(args.batch_size, 30 if device == "cuda" else 8, 8), size=pick(args.size, 256, 128),
         seconds=pick(args.seconds, 10.0, 2.0), encoder=pick(args.encoder, "mit_b2", "mit_b0"),
         quick=quick, pool_slices=pick(args.pool_slices, 256, 32), batch_sweep=tuple(sweep),
-        phantom_cases=4 if quick else 16, phantom_slices=16 if quick else 32,
+        # GPU: 1,024 slices, so that epoch boundaries (prefetch refills) are rare at batch 30
+        phantom_cases=4 if quick else (32 if device == "cuda" else 16), phantom_slices=16 if quick else 32,
     )
 
 
