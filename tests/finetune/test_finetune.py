@@ -169,3 +169,15 @@ def test_run_layout_resume_and_results(tmp_path):
     # a different setting in the same folder is refused
     with pytest.raises(UserError, match="other settings"):
         finetune(store, tmp_path / "b", FinetuneConfig(epochs=3, fold=0, **{**base, "lr": 1e-2}))
+
+
+@pytest.mark.gpu
+def test_finetune_and_predict_on_gpu(tmp_path):
+    """The CUDA path: DALI GPU loader, model and whole-volume inference on the GPU."""
+    store = _store(tmp_path / "s.zarr", n=2)
+    res = finetune(store, tmp_path / "gpu", FinetuneConfig(encoder="mit_b0", folds=2, fold=0, epochs=2, size=64,
+                                                          batch_size=4, lr=1e-3, device="cuda", workers=1))
+    assert res["folds"][0]["classes"]["foreground"]["dsc"] is not None
+    assert main(["predict", "--weights", str(tmp_path / "gpu" / "fold_0" / "finetuned.pt"), "--data", str(store),
+                 "-o", str(tmp_path / "pred"), "--device", "cuda"]) == 0
+    assert len(list((tmp_path / "pred").glob("*.nii.gz"))) == 2
