@@ -134,3 +134,25 @@ def test_bad_settings_are_user_errors(tmp_path):
     assert main(["bench", "--data", str(tmp_path / "missing.zarr"), "--device", "cpu",
                  "--out", str(tmp_path / "r.json")]) == 2
     assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.gpu
+def test_bench_on_gpu_measures_gpu_figures(tiny_store, tmp_path):
+    """On a GPU machine: dali_gpu, its ratio, MFU and the GPU peak memory are measured."""
+    out = tmp_path / "gpu.json"
+    code = main(["bench", "--quick", "--data", str(tiny_store), "--device", "cuda",
+                 "--workers", "2", "--batch-size", "4", "--size", "64", "--seconds", "0.3",
+                 "--pool-slices", "8", "--batch-sweep", "4", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert code == 0, result["errors"]
+    gpu = result["preprocess"]["dali_gpu"]["slices_per_s"]
+    base = result["preprocess"]["baseline"]["slices_per_s"]
+    assert gpu > 0 and result["ratios"]["dali_gpu_over_baseline"] == pytest.approx(gpu / base, rel=1e-12)
+    assert result["preprocess"]["dali_gpu_large_batch"]["slices_per_s"] > 0
+    assert result["machine"]["gpu"]
+    assert 0 < result["train_step"]["peak_mem_gb"] < 200
+    peak = bench.gpu_peak(result["machine"]["gpu"])[0]
+    if peak:  # a GPU of known peak: MFU is the achieved FLOP rate over it
+        train = result["train_step"]
+        assert train["mfu"] == pytest.approx(train["flops_per_pair"] * train["pairs_per_s"] / peak)
+    assert 0 <= result["end_to_end"]["data_stall"] < 1
