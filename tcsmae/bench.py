@@ -569,8 +569,11 @@ def _git_revision() -> str | None:
     return git_revision()
 
 
-def run_bench(cfg: BenchConfig, say=print) -> dict:
-    """Measure every stage (a failing stage is recorded under `errors` and left null)."""
+def run_bench(cfg: BenchConfig, say=print, save=None) -> dict:
+    """Measure every stage (a failing stage is recorded under `errors` and left null).
+
+    save: optional callable given the result so far after every stage (`complete` is False
+    until the end), so a run killed by a time limit still leaves its finished stages."""
     import traceback
 
     import torch
@@ -583,6 +586,14 @@ def run_bench(cfg: BenchConfig, say=print) -> dict:
         raise UserError("--device cuda: no CUDA GPU is visible here; use --device cpu")
     store_path = Path(cfg.data) if cfg.data else default_phantom(cfg, say)
     store = open_store(store_path)
+    if store.n_slices < cfg.batch_size:
+        raise UserError(f"{store_path} holds {store.n_slices} slices, fewer than one batch of "
+                        f"{cfg.batch_size}; lower --batch-size or use a larger store")
+    import segmentation_models_pytorch as smp
+
+    if cfg.encoder not in smp.encoders.get_encoder_names():
+        raise UserError(f"--encoder {cfg.encoder!r} is not an smp encoder; supported encoders: "
+                        f"{smp.encoders.get_encoder_names()}")
     tcfg = _train_config(cfg)
     pcfg = tcfg.pipeline
     pool = max(cfg.pool_slices, 2 * cfg.batch_size)
@@ -602,6 +613,7 @@ def run_bench(cfg: BenchConfig, say=print) -> dict:
                             "pool_dtype": str(hu.dtype)}},
         "read": None, "preprocess": {"baseline": None, "dali_cpu": None, "dali_gpu": None},
         "train_step": None, "end_to_end": None, "ratios": {}, "errors": {}, "stage_seconds": {},
+        "complete": False,
     }
 
     def stage(name: str, fn):
@@ -615,6 +627,8 @@ def run_bench(cfg: BenchConfig, say=print) -> dict:
             return None
         finally:
             result["stage_seconds"][name] = round(time.perf_counter() - t0, 2)
+            if save is not None:
+                save(result)
 
     # Order matters: reads and the baseline fork worker processes before CUDA is initialised.
     result["read"] = stage("read", lambda: measure_read(store, ids, cfg.seconds, cfg.workers,
@@ -654,6 +668,7 @@ def run_bench(cfg: BenchConfig, say=print) -> dict:
         "dali_gpu_over_baseline": _ratio(_get(result, "preprocess.dali_gpu.slices_per_s"), base),
     }
     result["stage_seconds"]["total"] = round(time.perf_counter() - started, 2)
+    result["complete"] = True
     return result
 
 
@@ -798,8 +813,13 @@ def command_line(args) -> str:
 def run(args) -> int:
     cfg = config_from_args(args)
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    result = run_bench(cfg, say)
-    result["command"] = command_line(args)
+    command = command_line(args)
+
+    def save(partial: dict) -> None:
+        write_result({"command": command, **partial}, args.out)
+
+    result = run_bench(cfg, say, save)
+    result["command"] = command
     path = write_result(result, args.out)
     print(markdown_table(result))
     print(f"\nwrote {path} ({result['stage_seconds']['total']:.0f} s)")

@@ -53,7 +53,7 @@ def test_phantom_store_is_complete(tiny_store):
 def test_bench_writes_every_figure(bench_run):
     code, result, _, out = bench_run
     assert code == 0, result["errors"]
-    assert result["errors"] == {}
+    assert result["errors"] == {} and result["complete"] is True
     for key in bench.FIGURE_KEYS:  # every fixed key is present (null allowed)
         *parents, leaf = key.split(".")
         node = result
@@ -156,3 +156,26 @@ def test_bench_on_gpu_measures_gpu_figures(tiny_store, tmp_path):
         train = result["train_step"]
         assert train["mfu"] == pytest.approx(train["flops_per_pair"] * train["pairs_per_s"] / peak)
     assert 0 <= result["end_to_end"]["data_stall"] < 1
+
+
+def test_a_failing_stage_is_recorded_and_the_rest_still_measured(tiny_store, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no model today")
+
+    monkeypatch.setattr(bench, "build_trainer", broken)
+    out = tmp_path / "partial.json"
+    code = main(["bench", "--quick", "--data", str(tiny_store), "--device", "cpu", "--workers", "1",
+                 "--batch-size", "4", "--size", "64", "--seconds", "0.2", "--pool-slices", "8",
+                 "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert code == 1
+    assert result["errors"] == {"train_setup": "RuntimeError: no model today"}
+    assert result["read"]["slices_per_s"] > 0 and result["preprocess"]["dali_cpu"]["slices_per_s"] > 0
+    assert result["train_step"] is None and result["end_to_end"] is None
+    assert result["complete"] is True
+
+
+def test_unknown_encoder_is_a_user_error(tiny_store, tmp_path):
+    assert main(["bench", "--quick", "--data", str(tiny_store), "--device", "cpu",
+                 "--encoder", "mit_b9", "--out", str(tmp_path / "r.json")]) == 2
+    assert not (tmp_path / "r.json").exists()
