@@ -53,16 +53,7 @@ def run_cli(*argv) -> int:
                  "--lr", "1e-3", "--checkpoint-every", "3", *map(str, argv)])
 
 
-@pytest.fixture
-def one_thread():
-    """Same intra-op thread count in every run (bit-identical reductions); restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_resume_from_one_epoch_repeats_the_two_epoch_run(phantom_store, tmp_path, one_thread):
+def test_resume_from_one_epoch_repeats_the_two_epoch_run(phantom_store, tmp_path):
     """Real loader on phantom slices, through the CLI: 2 epochs straight == 1 epoch + resume."""
     a, b = tmp_path / "a", tmp_path / "b"
     assert run_cli("--data", phantom_store, "--out", a, "--epochs", 2) == 0
@@ -128,7 +119,7 @@ def test_resize_or_new_heads_on_resume_are_refused(phantom_store, tmp_path, caps
     assert "do not fit the model" in capsys.readouterr().err
 
 
-def test_resume_mid_epoch_continues_the_data_position(tmp_path, one_thread):
+def test_resume_mid_epoch_continues_the_data_position(tmp_path):
     cfg = tiny_config(epochs=1, steps_per_epoch=4, checkpoint_every=2)
     source = SyntheticBatches(4, 64, steps_per_epoch=4, seed=2)
     straight = pretrain(cfg, source, tmp_path / "a", CPU)
