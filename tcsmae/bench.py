@@ -285,7 +285,8 @@ def measure_read(store, ids, seconds: float, workers: int, batch_size: int) -> d
     """Zarr slice reads through CTStore.read_slice (decode + widen to float32).
 
     ids: (n,) int64 slice ids, read in this (shuffled) order, cycled. One process, then W
-    DataLoader worker processes that decode and drop the slice (nothing shipped back).
+    DataLoader worker processes that decode and drop the slice (nothing shipped back);
+    seconds / 2 each.
     MB/s counts the HU bytes as stored (int16: 2 bytes per pixel).
     """
     import numpy as np
@@ -302,7 +303,7 @@ def measure_read(store, ids, seconds: float, workers: int, batch_size: int) -> d
         store.read_slice(int(case[sid]), int(zs[sid]))
         return 1
 
-    n, elapsed = _timed(one, seconds, warmup=2)
+    n, elapsed = _timed(one, seconds / 2, warmup=2)
     single = n / elapsed
 
     # an epoch long enough to keep every worker busy (8 batches each), not just the pool's
@@ -319,7 +320,7 @@ def measure_read(store, ids, seconds: float, workers: int, batch_size: int) -> d
             state["it"] = iter(loader)
             return next(state["it"])
 
-    n_par, elapsed_par = _timed(batch, seconds, warmup=workers)
+    n_par, elapsed_par = _timed(batch, seconds / 2, warmup=workers)
     parallel = n_par / elapsed_par
     del state, loader
     return {"slices_per_s": single, "mb_per_s": single * bytes_per_slice / 1e6,
@@ -640,7 +641,7 @@ def run_bench(cfg: BenchConfig, say=print, save=None) -> dict:
     big = cfg.gpu_preprocess_batch
     if cfg.device == "cuda" and big != cfg.batch_size:
         large = stage("preprocess_gpu_large_batch", lambda: measure_preprocess_stage(
-            hu, pcfg, "cuda", cfg.workers, big, cfg.seconds, which=("dali_gpu",)))
+            hu, pcfg, "cuda", cfg.workers, big, cfg.seconds / 2, which=("dali_gpu",)))
         if large is not None and large.get("dali_gpu"):
             result["preprocess"]["dali_gpu_large_batch"] = {"batch_size": big, **large["dali_gpu"]}
     trainer = stage("train_setup", lambda: build_trainer(tcfg, cfg.device))
@@ -648,7 +649,8 @@ def run_bench(cfg: BenchConfig, say=print, save=None) -> dict:
     if trainer is not None:
         train = stage("train_step", lambda: measure_train(trainer, cfg.batch_size, cfg.seconds, flops))
         if train is not None and cfg.batch_sweep:
-            swept = stage("batch_sweep", lambda: batch_sweep(trainer, cfg.batch_sweep, cfg.seconds / 2,
+            swept = stage("batch_sweep", lambda: batch_sweep(trainer, cfg.batch_sweep,
+                                                             cfg.seconds / len(cfg.batch_sweep),
                                                              flops, say))
             if swept is not None:
                 train["batch_sweep"] = swept["rows"]
@@ -760,7 +762,7 @@ def add_arguments(parser) -> None:
       help="batch in every stage (default: 30 on cuda, the paper's; 8 on cpu and with --quick)")
     a("--size", type=int, default=None, metavar="PX", help="output side (default 256; --quick 128)")
     a("--seconds", type=float, default=None, metavar="S",
-      help="timed seconds per measurement (default 10; --quick 2)")
+      help="timed seconds per stage measurement, after warm-up (default 10; --quick 2)")
     a("--encoder", default=None, help="smp encoder (default mit_b2; --quick mit_b0)")
     a("--quick", action="store_true",
       help="demo preset: mit_b0, 128x128, batch 8, 2 s per measurement, a small phantom (< 2 min on 2 CPU cores)")
