@@ -385,10 +385,13 @@ class Trainer:
     size: int
 
     def sync(self) -> None:
+        """Wait for the work queued on torch's current stream (training kernels, the batch's
+        copy out of DALI), not for the whole device: DALI prefetches the next batches on its
+        own stream meanwhile, and that is not time the training loop waits for."""
         import torch
 
         if self.ctx.device.type == "cuda":
-            torch.cuda.synchronize(self.ctx.device)
+            torch.cuda.current_stream(self.ctx.device).synchronize()
 
 
 def build_trainer(tcfg, device: str) -> Trainer:
@@ -487,8 +490,9 @@ def measure_end_to_end(trainer: Trainer, store_path, pcfg, batch_size: int, work
     """The store loader (tcsmae.pipelines.loader.make_loader) feeding engine.train_step.
 
     data_stall = time in next(loader) (plus, on the GPU, the wait for the batch's copy)
-    / wall time of the timed loop. The GPU is synchronised after each training step, so
-    the loader's clock never runs while training kernels are still in flight. Batches that
+    / wall time of the timed loop. Torch's stream is synchronised after each training step,
+    so the loader's clock never runs while training kernels are still in flight (and DALI's
+    own stream, prefetching later batches, is never waited for). Batches that
     open an epoch (the loader refills its prefetch queue there) are also counted apart:
     `data_stall_within_epoch` leaves them out (a small store has many epoch boundaries).
     """
