@@ -604,8 +604,7 @@ def run_bench(cfg: BenchConfig, say=print, save=None) -> dict:
     pool = max(cfg.pool_slices, 2 * cfg.batch_size)
     if cfg.device == "cuda":
         pool = max(pool, 2 * cfg.gpu_preprocess_batch)
-    ids, hu = slice_pool(store, pool, seed=pcfg.seed,
-                         pad_hu=pcfg.pad_hu)
+    ids, hu = slice_pool(store, pool, seed=pcfg.seed, pad_hu=pcfg.pad_hu)
     result: dict = {
         "schema": "tcsmae-bench/1",
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -635,7 +634,8 @@ def run_bench(cfg: BenchConfig, say=print, save=None) -> dict:
             if save is not None:
                 save(result)
 
-    # Order matters: reads and the baseline fork worker processes before CUDA is initialised.
+    # Order: the forked workers (reads, baseline) run before DALI and training touch the GPU
+    # (they never use CUDA themselves); the end-to-end loader spawns its readers.
     result["read"] = stage("read", lambda: measure_read(store, ids, cfg.seconds, cfg.workers,
                                                         cfg.batch_size))
     pre = stage("preprocess", lambda: measure_preprocess_stage(hu, pcfg, cfg.device, cfg.workers,
