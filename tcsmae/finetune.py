@@ -23,6 +23,7 @@ Output folder:
     DIR/folds.json                 the patient-grouped split (tcsmae.folds)
     DIR/fold_K/last.pt, best.pt    checkpoints (resume: run the same command again)
     DIR/fold_K/scores.json         per-case scores, the fold summary, the DSC history
+    DIR/fold_K/history.json        per epoch: training loss, online validation DSC (per case too)
     DIR/fold_K/finetuned.pt/.json  the fine-tuned smp.Unet state dict + what `predict` needs
     DIR/results.json               folds, mean, std, cases, config, label map, weights' metadata
     DIR/val_dsc.png                online validation DSC per epoch (Fig. 4)
@@ -512,6 +513,7 @@ def run_fold(store, store_path, cfg: FinetuneConfig, fold_index: int, train_ids,
         if improved or not best_path.is_file():
             save_checkpoint(best_path, ckpt)
         save_checkpoint(last_path, ckpt)
+        write_json_atomic(fold_dir / "history.json", history)
         plot_val_dsc(out_dir)
     evaluated = torch.load(best_path if cfg.evaluate == "best" else last_path, map_location="cpu",
                            weights_only=True)
@@ -587,12 +589,11 @@ def plot_val_dsc(out_dir: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import torch
 
     curves = {}
-    for p in sorted(out_dir.glob("fold_*/last.pt")):
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-        curves[p.parent.name] = [(h["epoch"], h["val_dsc"]) for h in ckpt["history"] if h["val_dsc"] is not None]
+    for p in sorted(out_dir.glob("fold_*/history.json")):
+        history = json.loads(p.read_text())
+        curves[p.parent.name] = [(h["epoch"], h["val_dsc"]) for h in history if h["val_dsc"] is not None]
     if not curves:
         return None
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)

@@ -148,7 +148,7 @@ def test_run_layout_resume_and_results(tmp_path):
     assert resumed["folds"][0]["classes"]["disk"]["dsc"] == pytest.approx(straight["folds"][0]["classes"]["disk"]["dsc"], rel=1e-5)
     # layout and shape of results.json
     out = tmp_path / "a"
-    for name in ("folds.json", "results.json", "val_dsc.png", "fold_0/last.pt", "fold_0/best.pt",
+    for name in ("folds.json", "results.json", "val_dsc.png", "fold_0/last.pt", "fold_0/best.pt", "fold_0/history.json",
                  "fold_0/finetuned.pt", "fold_0/finetuned.json"):
         assert (out / name).is_file(), name
     assert straight["complete"] is False and len(straight["folds"]) == 1
