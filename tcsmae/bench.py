@@ -723,6 +723,33 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def readme_row(result: dict, name: str) -> str:
+    """One row of bench/README.md's results table for a result file called `name`:
+
+        python -c "import json, sys; from tcsmae.bench import readme_row; \
+                   print(readme_row(json.load(open(sys.argv[1])), sys.argv[1]))" FILE.json
+    """
+    g = lambda key: _get(result, key)  # noqa: E731
+
+    def num(key, digits=1):
+        v = g(key)
+        return "null" if v is None else f"{v:.{digits}f}"
+
+    m, b = result["machine"], result["config"]["bench"]
+    machine = f"{m['gpu'] or 'no GPU'}, {m['cpu_count']} x {m['cpu_model']}"
+    settings = (f"{b['encoder']}, {b['size']}x{b['size']}, batch {b['batch_size']}, W = {b['workers']}, "
+                f"{b['seconds']:g} s")
+    cells = [f"[{Path(name).name}](results/{Path(name).name})", machine,
+             f"`{result.get('command', 'tcsmae bench')}` ({settings})",
+             f"{num('read.slices_per_s', 0)} / {num('read.parallel_slices_per_s', 0)}",
+             num("preprocess.baseline.slices_per_s"), num("preprocess.dali_cpu.slices_per_s"),
+             num("preprocess.dali_gpu.slices_per_s"), num("ratios.dali_cpu_over_baseline", 2),
+             num("ratios.dali_gpu_over_baseline", 2), num("train_step.pairs_per_s"),
+             num("train_step.peak_mem_gb"), num("end_to_end.pairs_per_s"),
+             num("end_to_end.data_stall", 3)]
+    return "| " + " | ".join(cells) + " |"
+
+
 def _clean(value):
     """JSON-safe: NaN/inf -> None, tuples -> lists."""
     import math

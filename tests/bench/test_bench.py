@@ -179,3 +179,13 @@ def test_unknown_encoder_is_a_user_error(tiny_store, tmp_path):
     assert main(["bench", "--quick", "--data", str(tiny_store), "--device", "cpu",
                  "--encoder", "mit_b9", "--out", str(tmp_path / "r.json")]) == 2
     assert not (tmp_path / "r.json").exists()
+
+
+def test_readme_row_has_one_cell_per_column(bench_run):
+    _, result, _, out = bench_run
+    row = bench.readme_row(result, str(out))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == 13  # the columns of bench/README.md's results table
+    assert cells[0] == f"[{out.name}](results/{out.name})"
+    assert cells[6] == "null"  # dali_gpu on the CPU
+    assert float(cells[7]) == pytest.approx(result["ratios"]["dali_cpu_over_baseline"], abs=0.006)
