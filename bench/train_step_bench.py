@@ -26,6 +26,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--no-channels-last", action="store_true")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     p.add_argument("--profile", action="store_true", help="print the top kernels of 3 steps")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args()
@@ -35,6 +36,8 @@ def main() -> None:
     from tcsmae.config import ModelConfig, preset
     from tcsmae.engine import measure_train_step
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = []
     for encoder in args.encoders:
         for batch in args.batch_size:
