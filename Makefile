@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q --timeout=900 $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(BIN)/tcsmae bench --quick --out bench/results/cpu-$$(date +%Y-%m-%d).json
+	$(BIN)/tcsmae bench --quick --out bench/results/cpu-quick-$$(date +%Y-%m-%d).json
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

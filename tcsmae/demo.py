@@ -11,7 +11,7 @@ Steps (each one a `tcsmae` subcommand, so the demo exercises exactly what users 
   5. pretrain     TCS-MAE, `--preset demo` (mit_b0, 128x128)
   6. export       plain smp.Unet weights + weights.json
   7. recon-ssim   reconstruction SSIM with masked and unmasked inputs (Fig. 5)
-  8. finetune     the lesion class (the pneumonia stand-in) from TCS-MAE and from scratch
+  8. finetune     organ and lesion classes (phantom map) from TCS-MAE and from scratch
   9. report       the comparison table (Table II-style)
 A step whose output is already complete is not redone, so an interrupted demo resumes.
 """
@@ -42,7 +42,7 @@ def run_demo(out: Path, device: str = "cpu", quick: bool = False) -> None:
     pre_store, ft_store = out / "pretrain.zarr", out / "finetune.zarr"
     n_pre, n_ft = (4, 4) if quick else (8, 6)
     steps = "20" if quick else "100"
-    ft_epochs = "2" if quick else "8"
+    ft_epochs = "2" if quick else "6"
 
     if not (pre_src / "manifest.csv").is_file():
         _step("phantom (pretraining set)", ["phantom", "-o", str(pre_src), "--cases", str(n_pre), "--seed", "0"])
@@ -67,7 +67,7 @@ def run_demo(out: Path, device: str = "cpu", quick: bool = False) -> None:
     _step("recon-ssim", ["recon-ssim", "--weights", str(weights), "--data", str(ft_store), "--n", "32",
                          "--size", "128", "--device", device, "--out", str(out / "recon-ssim")])
 
-    common = ["--data", str(ft_store), "--labels-map", "phantom-lesion", "--folds", "2",
+    common = ["--data", str(ft_store), "--labels-map", "phantom", "--folds", "2",
               "--epochs", ft_epochs, "--lr", "1e-3", "--size", "128", "--batch-size", "8",
               "--device", device, "--seed", "0"]
     runs = {"scratch": "scratch", "tcs-mae": str(weights)}
@@ -75,7 +75,7 @@ def run_demo(out: Path, device: str = "cpu", quick: bool = False) -> None:
         _step(f"finetune ({name})", ["finetune", "--out", str(out / f"finetune-{name}"), "--init", init,
                                      "--encoder", "mit_b0", *common])
     _step("report", ["report", *(str(out / f"finetune-{n}") for n in runs), "--names", *runs,
-                     "--by", "classes", "-o", str(out / "report.md")])
+                     "--by", "groups", "-o", str(out / "report.md")])
     print(f"\nDemo finished. Look at {out}/preview.png (what the model sees), "
           f"{out}/recon-ssim/ (reconstructions), {out}/finetune-*/val_dsc.png and {out}/report.md.")
 
