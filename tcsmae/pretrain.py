@@ -221,7 +221,7 @@ def run(args) -> int:
             f"({cfg.batch_size} per rank), lr {cfg.lr} (gamma {cfg.lr_gamma}/epoch), masking "
             f"{cfg.pipeline.masking}, MEP levels {['F%d' % v for v in cfg.model.mep_levels] or 'none'}, "
             f"{batches.steps_per_epoch} batches per epoch per rank"
-            + (f" (capped at {cfg.steps_per_epoch})" if cfg.steps_per_epoch else ""))
+            + (f", capped at {cfg.steps_per_epoch}" if 0 < cfg.steps_per_epoch < batches.steps_per_epoch else ""))
         if ckpt is not None:
             say(f"resuming from {args.resume} at epoch {ckpt['data_position']['epoch']}, "
                 f"step {ckpt['step']}")
