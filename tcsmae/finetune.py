@@ -636,6 +636,14 @@ def finetune(data: str | Path, out: str | Path, cfg: FinetuneConfig) -> dict:
     if not labelled:
         raise UserError(f"{data}: no case has labels; convert with --labels (or a manifest labels column)")
     if unlabelled:
+        import inspect
+
+        from tcsmae.pipelines.loader import make_loader
+
+        if "case_ids" not in inspect.signature(make_loader).parameters:
+            raise UserError(f"{data}: {len(unlabelled)} case(s) have no labels ({unlabelled[:5]}); the loader "
+                            "needs every case of a fine-tuning store labelled: convert the labelled cases "
+                            "into a store of their own")
         warnings.warn(f"{len(unlabelled)} case(s) without labels are left out: {unlabelled[:5]}", stacklevel=2)
     attrs = {c: store.case_attrs(c) for c in labelled}
     for msg in check_leakage(attrs, meta.get("pretraining_cases"), cfg.allow_overlap):

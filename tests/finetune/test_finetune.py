@@ -181,3 +181,17 @@ def test_finetune_and_predict_on_gpu(tmp_path):
     assert main(["predict", "--weights", str(tmp_path / "gpu" / "fold_0" / "finetuned.pt"), "--data", str(store),
                  "-o", str(tmp_path / "pred"), "--device", "cuda"]) == 0
     assert len(list((tmp_path / "pred").glob("*.nii.gz"))) == 2
+
+
+def test_store_without_labels_is_refused(tmp_path):
+    from tcsmae.convert.store import StoreWriter
+
+    path = tmp_path / "s.zarr"
+    with StoreWriter(path) as w:
+        hu, _ = _disk_case(np.random.default_rng(0))
+        w.write_case("bare", hu, {"spacing_mm": [2.0, 1.0, 1.0], "origin_mm": [0.0, 0.0, 0.0],
+                                  "direction": np.eye(3).tolist(), "z_positions_mm": list(range(len(hu))),
+                                  "patient_id": "", "study_uid": "", "series_uid": "", "source_sha256": "x",
+                                  "warnings": []})
+    with pytest.raises(UserError, match="no case has labels"):
+        finetune(path, tmp_path / "out", FinetuneConfig(size=32))
