@@ -61,6 +61,7 @@ from tcsmae.pipelines.config import PipelineConfig
 HELP = "fine-tune a U-Net from pretrained weights (or scratch) with patient-grouped K-fold CV, DSC and HD95"
 
 FORMAT = "tcsmae-finetune"
+MAX_NONFINITE = 10  # consecutive non-finite losses before a fold aborts
 VERSION = 1
 EVALUATE = ("last", "best")
 
@@ -104,6 +105,9 @@ class FinetuneConfig:
     """Weight of the Dice term."""
     workers: int = 1
     """Loader reader processes (0 = read slices in the main process)."""
+    precision: str = "auto"
+    """Network autocast in training: 'auto' = bf16 on the GPU, fp32 on the CPU; 'bf16' or 'fp32'.
+    The losses and the validation are fp32."""
     pipeline: PipelineConfig = field(default_factory=lambda: PipelineConfig(masking="none"))
     """Preprocessing (windows, edges, size); masking is always off. Taken from weights.json
     when the weights record it, so inputs match pretraining."""
@@ -123,6 +127,8 @@ class FinetuneConfig:
             raise UserError(f"--evaluate {self.evaluate!r}: choose one of {list(EVALUATE)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise UserError(f"--device {self.device!r}: use auto, cpu or cuda")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise UserError(f"precision {self.precision!r}: use auto, bf16 or fp32")
         if not 0 < self.threshold < 1:
             raise UserError(f"threshold {self.threshold}: must lie in (0, 1)")
         p = self.pipeline
@@ -431,7 +437,7 @@ def _checkpoint(model, optimizer, epoch, history, best_dsc, cfg, fold, encoder, 
 def _run_key(cfg: FinetuneConfig) -> dict:
     """The settings a finished or interrupted fold must share to be reused or resumed."""
     key = _plain(asdict(cfg))
-    for volatile in ("fold", "device", "workers", "epochs"):  # more epochs = continue training
+    for volatile in ("fold", "device", "workers", "epochs", "precision"):  # more epochs = continue training
         key.pop(volatile)
     return key
 
@@ -483,18 +489,28 @@ def run_fold(store, store_path, cfg: FinetuneConfig, fold_index: int, train_ids,
         print(f"fold {fold_index}: resuming after epoch {start_epoch} from {last_path}")
     batches = TrainingBatches(store_path, cfg, train_ids, label_map, device)
     validator = Validator(store, val_ids, cfg, label_map, device)
+    bf16 = device.type == "cuda" and cfg.precision in ("auto", "bf16")
+    nonfinite = 0
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         total, steps = 0.0, 0
         bar = tqdm(batches(epoch), desc=f"fold {fold_index} epoch {epoch + 1}/{cfg.epochs}", unit="batch",
                    leave=False)
         for batch in bar:
-            logits = model(batch["original"])
-            loss = loss_fn(logits, batch["target"])
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(batch["original"])
+            loss = loss_fn(logits, batch["target"])  # fp32 (make_loss casts)
+            value = loss.item()
+            if not math.isfinite(value):
+                nonfinite += 1
+                if nonfinite >= MAX_NONFINITE:
+                    raise UserError(f"fold {fold_index}: {nonfinite} non-finite losses in a row; lower --lr "
+                                    f"(now {cfg.lr:g})")
+                continue  # skip the step
+            nonfinite = 0
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            value = loss.item()
             total += value
             steps += 1
             bar.set_postfix(loss=f"{value:.4f}")
@@ -680,6 +696,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of folds, head init and sample order")
     parser.add_argument("--evaluate", choices=EVALUATE, default=d.evaluate,
                         help="checkpoint that scores each fold (default last)")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=d.precision,
+                        help="training autocast: auto = bf16 on the GPU, fp32 on the CPU")
     parser.add_argument("--workers", type=int, default=d.workers,
                         help=f"loader reader processes (default {d.workers}; 0 = main process)")
 
@@ -688,7 +706,7 @@ def run(args) -> int:
     cfg = FinetuneConfig(init=args.init, encoder=args.encoder, label_map=args.label_map, folds=args.folds,
                          fold=args.fold, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                          size=args.size, seed=args.seed, device=args.device, allow_overlap=args.allow_overlap,
-                         evaluate=args.evaluate, workers=args.workers)
+                         evaluate=args.evaluate, workers=args.workers, precision=args.precision)
     results = finetune(args.data, args.out, cfg)
     from tcsmae.report import Run, format_report
 
