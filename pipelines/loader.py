@@ -85,7 +85,7 @@ class SliceLoader:
                  rank: int = 0, world_size: int = 1, epoch: int = 0, step: int = 0,
                  with_labels: bool = False, num_threads: int = 2, py_workers: int = 1,
                  device_id: int | None = None, prefetch: int = 2,
-                 stacked: bool | None = None):
+                 stacked: bool | None = None, case_ids: list[str] | None = None):
         if device not in ("cpu", "cuda"):
             raise UserError(f"device {device!r}: choose 'cpu' or 'cuda'")
         if with_labels:
@@ -104,7 +104,7 @@ class SliceLoader:
         self._iterator = None
         self._built_at: tuple[int, int] | None = None
         self._source = SliceSource(store_path, cfg, batch_size, rank, world_size, epoch, step,
-                                   with_labels, stacked)
+                                   with_labels, stacked, case_ids)
         if cfg.size == 0 and len(self._source._output_grids()) > 1:
             raise UserError(f"{store_path}: its slices have different grids "
                             f"{sorted(self._source._output_grids())}; size=0 keeps them, so "
@@ -175,9 +175,11 @@ def make_loader(store_path, cfg: PipelineConfig, batch_size: int, device: str = 
                 rank: int = 0, world_size: int = 1, epoch: int = 0, step: int = 0,
                 with_labels: bool = False, num_threads: int = 2, py_workers: int = 1,
                 device_id: int | None = None, prefetch: int = 2,
-                stacked: bool | None = None) -> SliceLoader:
+                stacked: bool | None = None, case_ids: list[str] | None = None) -> SliceLoader:
     """The training loader (see module doc). batch_size is per rank; py_workers reader
     processes (0 = read in the main process); num_threads DALI/NumPy threads; stacked:
-    one DALI sample per batch (None = whenever the store allows, see source.py)."""
+    one DALI sample per batch (None = whenever the store allows, see source.py);
+    case_ids: only these cases (a fine-tuning fold), None = all."""
     return SliceLoader(store_path, cfg, batch_size, device, rank, world_size, epoch, step,
-                       with_labels, num_threads, py_workers, device_id, prefetch, stacked)
+                       with_labels, num_threads, py_workers, device_id, prefetch, stacked,
+                       case_ids)

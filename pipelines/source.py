@@ -88,11 +88,12 @@ class SliceSource:
     store_path: a tcsmae store (convert/store.py). batch_size: per rank.
     epoch, step: where to start (resume). with_labels: also emit label slices.
     stacked: None = whenever possible (see module doc), True = required, False = never.
+    case_ids: only these cases' slices (e.g. a fine-tuning fold); None = every case.
     """
 
     def __init__(self, store_path, cfg: PipelineConfig, batch_size: int, rank: int = 0,
                  world_size: int = 1, epoch: int = 0, step: int = 0, with_labels: bool = False,
-                 stacked: bool | None = None):
+                 stacked: bool | None = None, case_ids: list[str] | None = None):
         from tcsmae.convert.store import open_store
 
         if batch_size < 1:
@@ -106,17 +107,28 @@ class SliceSource:
         self.start_epoch, self.start_step = int(epoch), int(step)
         self.with_labels = bool(with_labels)
         keep = self.store.body_fraction >= cfg.body_fraction_min
+        if case_ids is None:
+            cases = list(self.store.case_ids)
+        else:
+            unknown = [c for c in case_ids if c not in self.store.case_ids]
+            if unknown:
+                raise UserError(f"{store_path}: no case(s) {unknown[:5]}; `tcsmae info {store_path}` "
+                                "lists the cases")
+            cases = list(case_ids)
+            wanted = [self.store.case_ids.index(c) for c in cases]
+            keep &= np.isin(self.store.slice_case, wanted)
         self.eligible = np.flatnonzero(keep).astype(np.int64)
         self.n_batches = len(self.eligible) // (self.batch_size * self.world_size)
         if self.n_batches == 0:
             raise UserError(
-                f"{store_path}: {len(self.eligible)} slices pass body_fraction_min="
-                f"{cfg.body_fraction_min}, fewer than one batch of {self.batch_size} per rank "
-                f"x {self.world_size} ranks; lower the batch size or the filter")
+                f"{store_path}: {len(self.eligible)} slices of {len(cases)} case(s) pass "
+                f"body_fraction_min={cfg.body_fraction_min}, fewer than one batch of "
+                f"{self.batch_size} per rank x {self.world_size} ranks; lower the batch size or "
+                "the filter")
         if not 0 <= self.start_step < self.n_batches:
             raise UserError(f"resume step {step} must lie in [0, {self.n_batches}) batches/epoch")
         if with_labels:
-            missing = [c for c in self.store.case_ids if not self.store.has_labels(c)]
+            missing = [c for c in cases if not self.store.has_labels(c)]
             if missing:
                 raise UserError(f"{store_path}: cases without labels {missing[:5]}; fine-tuning "
                                 "needs a store whose cases all have label maps")

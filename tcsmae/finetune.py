@@ -259,23 +259,14 @@ class TrainingBatches:
         self._loader = None
 
     def _make_loader(self, epoch: int):
-        import inspect
-
         from tcsmae.pipelines.loader import make_loader
 
         kind = "cuda" if self.device.type == "cuda" else "cpu"
         device_id = (self.device.index or 0) if kind == "cuda" else None
-        kwargs = dict(rank=0, world_size=1, epoch=epoch, step=0, with_labels=True,
-                      num_threads=2, py_workers=self.cfg.workers, device_id=device_id)
-        if "case_ids" in inspect.signature(make_loader).parameters:
-            return make_loader(self.store_path, self.cfg.pipeline, self.cfg.batch_size, kind,
-                               case_ids=self.case_ids, **kwargs)
-        from tcsmae.convert.store import open_store
-
-        if set(self.case_ids) != set(open_store(self.store_path).case_ids):
-            return _fold_loader(self.store_path, self.cfg.pipeline, self.cfg.batch_size, kind,
-                                self.case_ids, **kwargs)
-        return make_loader(self.store_path, self.cfg.pipeline, self.cfg.batch_size, kind, **kwargs)
+        return make_loader(self.store_path, self.cfg.pipeline, self.cfg.batch_size, kind,
+                           rank=0, world_size=1, epoch=epoch, step=0, with_labels=True,
+                           num_threads=2, py_workers=self.cfg.workers, device_id=device_id,
+                           case_ids=self.case_ids)
 
     def __call__(self, epoch: int):
         import torch
@@ -290,50 +281,6 @@ class TrainingBatches:
             if table is None or top >= table.numel():
                 table = torch.from_numpy(self.label_map.lookup(top)).to(label.device)
             yield {"original": batch["original"].float(), "target": table[label]}
-
-
-def _fold_loader(store_path, cfg, batch_size, device, case_ids, **kwargs):
-    """The pipelines' SliceLoader restricted to `case_ids`.
-
-    Stop-gap until make_loader takes a case filter itself (requested from the pipelines
-    owner): the same SliceSource with its eligible slices cut to the fold's cases.
-    """
-    import numpy as np
-
-    from tcsmae.pipelines import loader as loader_module
-    from tcsmae.pipelines.source import SliceSource
-
-    class FoldSource(SliceSource):
-        def __init__(self, *args, **kw):
-            super().__init__(*args, **kw)
-            wanted = [self.store.case_ids.index(c) for c in case_ids]
-            keep = np.isin(self.store.slice_case[self.eligible], wanted)
-            self.eligible = self.eligible[keep]
-            self.n_batches = len(self.eligible) // (self.batch_size * self.world_size)
-            if self.n_batches == 0:
-                raise UserError(f"{store_path}: the fold's {len(case_ids)} training case(s) have "
-                                f"{len(self.eligible)} slices, fewer than one batch of {self.batch_size}; "
-                                "lower --batch-size")
-
-    class FoldLoader(loader_module.SliceLoader):
-        def __init__(self, *args, **kw):
-            original = loader_module.SliceSource
-            loader_module.SliceSource = FoldSource
-            try:
-                super().__init__(*args, **kw)
-            finally:
-                loader_module.SliceSource = original
-
-        def _build(self):
-            original = loader_module.SliceSource
-            loader_module.SliceSource = FoldSource
-            try:
-                super()._build()
-            finally:
-                loader_module.SliceSource = original
-
-    kwargs["py_workers"] = 0  # the local classes cannot be pickled into reader processes
-    return FoldLoader(store_path, cfg, batch_size, device, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------
@@ -652,14 +599,6 @@ def finetune(data: str | Path, out: str | Path, cfg: FinetuneConfig) -> dict:
     if not labelled:
         raise UserError(f"{data}: no case has labels; convert with --labels (or a manifest labels column)")
     if unlabelled:
-        import inspect
-
-        from tcsmae.pipelines.loader import make_loader
-
-        if "case_ids" not in inspect.signature(make_loader).parameters:
-            raise UserError(f"{data}: {len(unlabelled)} case(s) have no labels ({unlabelled[:5]}); the loader "
-                            "needs every case of a fine-tuning store labelled: convert the labelled cases "
-                            "into a store of their own")
         warnings.warn(f"{len(unlabelled)} case(s) without labels are left out: {unlabelled[:5]}", stacklevel=2)
     attrs = {c: store.case_attrs(c) for c in labelled}
     for msg in check_leakage(attrs, meta.get("pretraining_cases"), cfg.allow_overlap):

@@ -195,3 +195,24 @@ def test_store_without_labels_is_refused(tmp_path):
                                   "warnings": []})
     with pytest.raises(UserError, match="no case has labels"):
         finetune(path, tmp_path / "out", FinetuneConfig(size=32))
+
+
+def test_unlabelled_cases_are_left_out_with_a_warning(tmp_path):
+    store = _store(tmp_path / "s.zarr", n=2)
+    from tcsmae.convert.store import StoreWriter
+
+    with StoreWriter(store) as w:
+        hu, _ = _disk_case(np.random.default_rng(5))
+        w.write_case("bare", hu, {"spacing_mm": [2.0, 1.0, 1.0], "origin_mm": [0.0, 0.0, 0.0],
+                                  "direction": np.eye(3).tolist(), "z_positions_mm": list(range(len(hu))),
+                                  "patient_id": "P9", "study_uid": "", "series_uid": "9", "source_sha256": "y",
+                                  "warnings": []})
+    lm = tmp_path / "map.json"
+    lm.write_text(json.dumps({"classes": {"disk": [3]}}))
+    cfg = FinetuneConfig(encoder="mit_b0", label_map=str(lm), folds=2, fold=0, epochs=1, size=32,
+                         batch_size=3, lr=1e-3, device="cpu", workers=0)
+    with pytest.warns(UserWarning, match="without labels are left out"):
+        result = finetune(store, tmp_path / "out", cfg)
+    folds = json.loads((tmp_path / "out" / "folds.json").read_text())["folds"]
+    assert "bare" not in {c for f in folds for c in f["train"] + f["val"]}
+    assert "bare" not in result["cases"]

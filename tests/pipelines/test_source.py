@@ -195,3 +195,27 @@ def test_set_epoch_restarts_at_that_epoch(tiny_store):
     first = next(iter(a))
     b = make_loader(path, cfg, batch_size=6, epoch=3, py_workers=0, num_threads=1)
     assert torch.equal(first["z"], next(iter(b))["z"])
+
+
+def test_case_filter_keeps_only_chosen_cases_and_skips_unlabelled_others(tiny_store, tmp_path):
+    path, _ = tiny_store
+    store = open_store(path)
+    chosen = store.case_ids[:1]
+    src = SliceSource(path, PipelineConfig(size=32), 2, case_ids=chosen)
+    ids = np.concatenate([src.batch_ids(0, s) for s in range(src.n_batches)])
+    assert set(store.slice_case[ids]) == {0}
+    assert len(src.eligible) == int((store.slice_case == 0).sum())
+    with pytest.raises(UserError, match="no case"):
+        SliceSource(path, PipelineConfig(size=32), 2, case_ids=["not-a-case"])
+    # a store where one case has no labels: with_labels works for the labelled ones only
+    from tcsmae.convert.store import StoreWriter
+
+    mixed = tmp_path / "mixed.zarr"
+    hu = np.full((6, 16, 16), 40.0)
+    with StoreWriter(mixed) as w:
+        w.write_case("lab", hu, {"source_sha256": "a"}, labels=np.ones((6, 16, 16), np.uint8))
+        w.write_case("unlab", hu, {"source_sha256": "b"})
+    with pytest.raises(UserError, match="without labels"):
+        SliceSource(mixed, PipelineConfig(size=32), 2, with_labels=True)
+    only = SliceSource(mixed, PipelineConfig(size=32), 2, with_labels=True, case_ids=["lab"])
+    assert only.n_batches == 3
