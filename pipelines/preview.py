@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tcsmae.atomic_files import save_figure
 from tcsmae.errors import UserError
 
 HELP = "draw what the model sees (Fig. 3-style grid: windows, edges, mask, masked) and save the batch"
@@ -87,10 +88,7 @@ def draw_grid(batch: dict, path: Path, title: str) -> None:
         axes[i, 0].set_ylabel(f"case {batch['case_index'][i]} z {batch['z'][i]}", fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=80)
 
 
 def save_npz(batch: dict, path: Path) -> None:

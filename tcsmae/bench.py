@@ -26,7 +26,6 @@ not measured is null. `--quick` is the demo preset (mit_b0, 128x128, batch 8, 2 
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
@@ -767,15 +766,9 @@ def _clean(value):
 
 def write_result(result: dict, out: str | Path) -> Path:
     """Write the result JSON atomically (temp file in the same folder + os.replace)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(_clean(result), indent=2, allow_nan=False) + "\n")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    from tcsmae.atomic_files import write_json_atomic
+
+    return write_json_atomic(out, _clean(result), indent=2, allow_nan=False)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -34,6 +34,7 @@ from torch import nn
 from tcsmae.checkpoint import FORMAT, VERSION, capture_rng_state, restore_rng_state, save_checkpoint
 from tcsmae.config import TrainConfig, to_plain
 from tcsmae.distributed import DistContext, barrier
+from tcsmae.atomic_files import write_json_atomic
 from tcsmae.errors import UserError
 from tcsmae.losses import PretrainingLoss
 from tcsmae.model import TCSMAE
@@ -363,9 +364,7 @@ def pretrain(cfg: TrainConfig, batches: BatchSource, out_dir: str | Path, ctx: D
     out_dir = Path(out_dir)
     if ctx.is_main:
         (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        tmp = out_dir / "config.json.tmp"
-        tmp.write_text(json.dumps(to_plain(cfg), indent=2) + "\n")
-        os.replace(tmp, out_dir / "config.json")
+        write_json_atomic(out_dir / "config.json", to_plain(cfg), indent=2)
     setup = setup or build_training(cfg, ctx)
     pos = restore(setup, resume, ctx) if resume is not None else Position()
     if resume is not None and resume.get("pretraining_cases"):

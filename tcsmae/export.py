@@ -15,8 +15,7 @@ so fine-tuning can refuse overlapping cases without the ids being published.
 
 from __future__ import annotations
 
-import json
-import os
+from tcsmae.atomic_files import write_json_atomic
 from pathlib import Path
 
 HELP = "export a pretraining checkpoint as plain smp.Unet weights (weights.pt + weights.json)"
@@ -85,10 +84,7 @@ def export(checkpoint: str | Path, output: str | Path) -> tuple[Path, Path]:
     unet.load_state_dict(state, strict=True)  # the promise made to users, checked before writing
     output = Path(output)
     save_checkpoint(output, {k: v.detach().clone().contiguous() for k, v in state.items()})
-    json_path = output.with_suffix(".json")
-    tmp = json_path.with_name(json_path.name + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, json_path)
+    json_path = write_json_atomic(output.with_suffix(".json"), meta, indent=2)
     return output, json_path
 
 

@@ -48,13 +48,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import warnings
 
 import numpy as np
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from tcsmae.atomic_files import save_figure
 from tcsmae.errors import UserError
 from tcsmae.pipelines.config import PipelineConfig
 
@@ -405,7 +405,7 @@ def run_fold(store, store_path, cfg: FinetuneConfig, fold_index: int, train_ids,
     from tqdm import tqdm
 
     from tcsmae.checkpoint import restore_rng_state, save_checkpoint
-    from tcsmae.folds import write_json_atomic
+    from tcsmae.atomic_files import write_json_atomic
 
     fold_dir = out_dir / f"fold_{fold_index}"
     fold_dir.mkdir(parents=True, exist_ok=True)
@@ -506,7 +506,7 @@ def export_finetuned(model, path: Path, encoder: str, label_map, cfg: FinetuneCo
 
     import tcsmae
     from tcsmae.checkpoint import save_checkpoint
-    from tcsmae.folds import write_json_atomic
+    from tcsmae.atomic_files import write_json_atomic
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     save_checkpoint(path, state)
@@ -569,12 +569,7 @@ def plot_val_dsc(out_dir: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = out_dir / "val_dsc.png"
-    tmp = out_dir / "val_dsc.tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, out_dir / "val_dsc.png")
 
 
 # ---------------------------------------------------------------------------------------
@@ -584,7 +579,8 @@ def plot_val_dsc(out_dir: Path) -> Path | None:
 def finetune(data: str | Path, out: str | Path, cfg: FinetuneConfig) -> dict:
     """Run the configured folds and write results.json; returns its content."""
     from tcsmae.convert.store import open_store
-    from tcsmae.folds import check_leakage, make_folds, write_folds, write_json_atomic
+    from tcsmae.atomic_files import write_json_atomic
+    from tcsmae.folds import check_leakage, make_folds, write_folds
     from tcsmae.labelmap import load_label_map
 
     out_dir = Path(out)

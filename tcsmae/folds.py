@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tcsmae.atomic_files import write_json_atomic
 from tcsmae.errors import UserError
 
 
@@ -100,19 +101,6 @@ def folds_document(folds: list[Fold], k: int, seed: int, messages: list[str]) ->
     """The JSON content of folds.json."""
     return {"k": k, "seed": seed, "warnings": list(messages),
             "folds": [{"train": list(f.train), "val": list(f.val)} for f in folds]}
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write text to `path` through a temporary file and os.replace (no half files)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: str | os.PathLike, data) -> None:
-    """Write JSON to `path` atomically (see write_text_atomic)."""
-    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def write_folds(out_dir: str | os.PathLike, folds: list[Fold], k: int, seed: int,

@@ -81,7 +81,7 @@ def predict_store(model, meta: dict, store_path: Path, out: Path, device="cpu", 
 
     from tcsmae.convert.orientation import store_to_nifti
     from tcsmae.convert.store import open_store
-    from tcsmae.folds import write_json_atomic
+    from tcsmae.atomic_files import write_json_atomic
     from tcsmae.inference import segment_volume
 
     store = open_store(store_path)

@@ -21,6 +21,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from tcsmae.atomic_files import save_figure
 from tcsmae.errors import UserError
 
 HELP = "SSIM between slices and their reconstructions from masked and unmasked inputs (Fig. 5)"
@@ -111,11 +112,7 @@ def plot_ssim(results: dict[str, dict], path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def add_arguments(parser) -> None:
@@ -137,7 +134,7 @@ def run(args) -> int:
 
     from tcsmae.convert.store import open_store
     from tcsmae.finetune import resolve_device
-    from tcsmae.folds import write_json_atomic
+    from tcsmae.atomic_files import write_json_atomic
 
     names = args.names or [w.stem if w.stem != "weights" else w.parent.name for w in args.weights]
     if len(names) != len(args.weights):

@@ -179,7 +179,7 @@ def run(args) -> int:
     text = format_report(runs, args.by)
     print(text, end="")
     if args.out:
-        from tcsmae.folds import write_text_atomic
+        from tcsmae.atomic_files import write_text_atomic
 
         write_text_atomic(args.out, text)
     return 0

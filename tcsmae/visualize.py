@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from tcsmae.atomic_files import save_figure
 from tcsmae.errors import UserError
 
 HELP = "draw Fig. 6-style panels: input, masked, reconstruction, prediction vs reference"
@@ -74,11 +75,7 @@ def draw_panels(rows: list[dict], path: Path, titles: list[str]) -> Path:
                 ax.set_title(titles[c], fontsize=9)
         axes[r, 0].set_ylabel(row["name"], fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def add_arguments(parser) -> None:
