@@ -12,7 +12,8 @@ Steps (each one a `tcsmae` subcommand, so the demo exercises exactly what users 
   6. export       plain smp.Unet weights + weights.json
   7. recon-ssim   reconstruction SSIM with masked and unmasked inputs (Fig. 5)
   8. finetune     organ and lesion classes (phantom map) from TCS-MAE and from scratch
-  9. report       the comparison table (Table II-style)
+  9. visualize    input, masked input, reconstruction, prediction vs reference (Fig. 6)
+ 10. report       the comparison table (Table II-style)
 A step whose output is already complete is not redone, so an interrupted demo resumes.
 """
 
@@ -74,10 +75,14 @@ def run_demo(out: Path, device: str = "cpu", quick: bool = False) -> None:
     for name, init in runs.items():
         _step(f"finetune ({name})", ["finetune", "--out", str(out / f"finetune-{name}"), "--init", init,
                                      "--encoder", "mit_b0", *common])
+    _step("visualize (Fig. 6: input, masked, reconstruction, prediction vs reference)",
+          ["visualize", "--weights", str(weights), "--data", str(ft_store), "--n", "3", "--seed", "0",
+           "--finetuned", str(out / "finetune-tcs-mae" / "fold_0" / "finetuned.pt"), "--device", device,
+           "-o", str(out / "reconstructions.png")])
     _step("report", ["report", *(str(out / f"finetune-{n}") for n in runs), "--names", *runs,
                      "--by", "groups", "-o", str(out / "report.md")])
     print(f"\nDemo finished. Look at {out}/preview.png (what the model sees), "
-          f"{out}/recon-ssim/ (reconstructions), {out}/finetune-*/val_dsc.png and {out}/report.md.")
+          f"{out}/reconstructions.png, {out}/recon-ssim/, {out}/finetune-*/val_dsc.png and {out}/report.md.")
 
 
 def main(argv: list[str] | None = None) -> int:
