@@ -233,7 +233,7 @@ class Position:
 
 
 def checkpoint_payload(setup: TrainingSetup, cfg: TrainConfig, pos: Position, ctx: DistContext,
-                       pretraining_cases: dict | None) -> dict | None:
+                       pretraining_cases: dict | None, store: str | None = None) -> dict | None:
     """The checkpoint dict on rank 0 (None elsewhere). Collective: call on every rank."""
     rng = capture_rng_state()
     if ctx.distributed:
@@ -264,6 +264,7 @@ def checkpoint_payload(setup: TrainingSetup, cfg: TrainConfig, pos: Position, ct
         "config": to_plain(cfg),
         "input_size": cfg.input_size,
         "pretraining_cases": pretraining_cases or {},
+        "store": "" if store is None else str(store),  # so that --resume alone finds the data again
         "versions": versions,
     }
 
@@ -355,10 +356,11 @@ def train_one_epoch(setup: TrainingSetup, batches: Iterable[dict], n_steps: int,
 
 def pretrain(cfg: TrainConfig, batches: BatchSource, out_dir: str | Path, ctx: DistContext,
              resume: dict | None = None, pretraining_cases: dict | None = None,
-             setup: TrainingSetup | None = None) -> Position:
+             setup: TrainingSetup | None = None, store: str | Path | None = None) -> Position:
     """Run (or continue, from the checkpoint dict `resume`) pretraining to cfg.epochs.
 
-    Writes out_dir/config.json, out_dir/metrics.jsonl, out_dir/checkpoints/last.pt (rank 0).
+    Writes out_dir/config.json, out_dir/metrics.jsonl, out_dir/checkpoints/last.pt (rank 0);
+    `store` (the data's path) is recorded in the checkpoint for `--resume` without `--data`.
     Returns the final Position (its `history` holds this process's per-step loss values).
     """
     out_dir = Path(out_dir)
@@ -377,7 +379,8 @@ def pretrain(cfg: TrainConfig, batches: BatchSource, out_dir: str | Path, ctx: D
                         "the store is too small for this batch size and world size; lower --batch-size")
 
     def save(p: Position) -> None:
-        payload = checkpoint_payload(setup, cfg, p, ctx, pretraining_cases)
+        payload = checkpoint_payload(setup, cfg, p, ctx, pretraining_cases,
+                                     None if store is None else str(Path(store).resolve()))
         if payload is not None:
             save_checkpoint(out_dir / "checkpoints" / "last.pt", payload)
         barrier(ctx)

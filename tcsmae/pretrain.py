@@ -30,7 +30,8 @@ def add_arguments(parser) -> None:
     a = parser.add_argument
     a("--data", metavar="STORE.zarr", help="tcsmae store to pretrain on (default: the embedded phantom, "
       "built on first use in $TCSMAE_CACHE or ~/.cache/tcsmae)")
-    a("--out", default="runs/pretrain", metavar="DIR", help="run folder (default: %(default)s)")
+    a("--out", default=None, metavar="DIR",
+      help="run folder (default: runs/pretrain; with --resume, the checkpoint's run folder)")
     a("--preset", choices=("paper", "demo"), default=None,
       help="paper = the paper's setup (default); demo = mit_b0, 128x128, a few hundred steps (CPU); "
       "ignored with --resume (the checkpoint's config is the base)")
@@ -193,6 +194,15 @@ class StoreBatches:
         return self._loader
 
 
+def resume_out_dir(out: str | None, resume: str | None) -> Path:
+    """--out, else the run folder of a --resume checkpoint (RUN/checkpoints/X.pt), else runs/pretrain."""
+    if out:
+        return Path(out)
+    if resume and Path(resume).resolve().parent.name == "checkpoints":
+        return Path(resume).resolve().parent.parent
+    return Path("runs/pretrain")
+
+
 def run(args) -> int:
     from tcsmae.checkpoint import check_resume_compatible, load_checkpoint
     from tcsmae.distributed import broadcast_object, init_distributed, main_process_first, shutdown
@@ -203,11 +213,15 @@ def run(args) -> int:
     cfg = build_config(args, stored=ckpt["config"] if ckpt else None)
     if ckpt is not None:
         check_resume_compatible(ckpt, args.resume, cfg.input_size, cfg.model.encoder)
+    out = resume_out_dir(args.out, args.resume)
     ctx = init_distributed(cfg.device)
     say = print if ctx.is_main else (lambda *a, **k: None)
     try:
         if args.data:
             store = Path(args.data)
+        elif ckpt is not None and ckpt.get("store"):
+            store = Path(ckpt["store"])
+            say(f"resuming on the checkpoint's data {store} (pass --data to use another copy)")
         else:
             with main_process_first(ctx):
                 store = default_store(ctx.is_main, say)
@@ -225,8 +239,8 @@ def run(args) -> int:
         if ckpt is not None:
             say(f"resuming from {args.resume} at epoch {ckpt['data_position']['epoch']}, "
                 f"step {ckpt['step']}")
-        pos = pretrain(cfg, batches, args.out, ctx, resume=ckpt, pretraining_cases=cases)
-        say(f"done: {pos.step} steps, {pos.epoch} epochs; checkpoint {Path(args.out) / 'checkpoints' / 'last.pt'}")
+        pos = pretrain(cfg, batches, out, ctx, resume=ckpt, pretraining_cases=cases, store=store)
+        say(f"done: {pos.step} steps, {pos.epoch} epochs; checkpoint {out / 'checkpoints' / 'last.pt'}")
     finally:
         shutdown(ctx)
     return 0

@@ -4,6 +4,7 @@ a resumed run repeats the uninterrupted one step for step, and export loads into
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -60,9 +61,14 @@ def test_resume_from_one_epoch_repeats_the_two_epoch_run(phantom_store, tmp_path
     assert run_cli("--data", phantom_store, "--out", b, "--epochs", 1) == 0
     ckpt = load_checkpoint(b / "checkpoints" / "last.pt")
     assert ckpt["data_position"] == {"epoch": 1, "step": 0} and ckpt["step"] == 4
+    # --resume alone finds the data (recorded in the checkpoint) and the run folder (its parent)
+    assert ckpt["store"] == str(phantom_store.resolve())
+    shutil.copytree(b, tmp_path / "b_copy")
     assert run_cli("--resume", b / "checkpoints" / "last.pt", "--data", phantom_store, "--out", b,
                    "--epochs", 2) == 0
+    assert run_cli("--resume", tmp_path / "b_copy" / "checkpoints" / "last.pt", "--epochs", 2) == 0
     ma, mb = metrics(a), metrics(b)
+    assert [m["loss"] for m in metrics(tmp_path / "b_copy")] == [m["loss"] for m in mb]
     assert [m["step"] for m in mb] == list(range(1, 9))  # global steps; the resumed run appended
     for key in LOSS_KEYS:
         assert [m[key] for m in ma] == [m[key] for m in mb], key  # bit-identical on the CPU
