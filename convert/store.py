@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from tcsmae.atomic_files import readable_by_all
 from tcsmae.errors import UserError
 
 FORMAT = "tcsmae-ct"
@@ -200,8 +201,16 @@ def _empty_index() -> dict[str, np.ndarray]:
 
 
 def _read_index(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path / INDEX_FILE, allow_pickle=False) as f:
-        return {k: f[k] for k in _empty_index()}
+    try:
+        with np.load(path / INDEX_FILE, allow_pickle=False) as f:
+            return {k: f[k] for k in _empty_index()}
+    except Exception as exc:  # truncated, overwritten, or from another program
+        raise UserError(
+            f"{path / INDEX_FILE} is unreadable ({type(exc).__name__}: {exc}). The slice index is "
+            f"rebuilt by conversion: delete {path / INDEX_FILE} and run the converter again with "
+            f"-o {path} (cases are re-added; their arrays are rewritten)"
+        ) from exc
+
 
 
 def _write_index(path: Path, index: dict[str, np.ndarray]) -> None:
@@ -212,6 +221,7 @@ def _write_index(path: Path, index: dict[str, np.ndarray]) -> None:
             np.savez(f, **index)
             f.flush()
             os.fsync(f.fileno())
+        readable_by_all(tmp)
         os.replace(tmp, path / INDEX_FILE)
     except BaseException:
         if os.path.exists(tmp):
@@ -296,8 +306,17 @@ class CTStore:
 
     def read_slice(self, case_index: int, z: int) -> np.ndarray:
         """One slice as (Y, X) float32 Hounsfield units (int16 cases are widened)."""
-        arr = self._array(f"images/{self.case_ids[case_index]}")
-        return np.asarray(arr[z], dtype=np.float32)
+        case_id = self.case_ids[case_index]
+        try:
+            return np.asarray(self._array(f"images/{case_id}")[z], dtype=np.float32)
+        except UserError:
+            raise
+        except Exception as exc:  # damaged chunk or shard, missing file
+            raise UserError(
+                f"{self.path}: case {case_id!r} slice {z} is unreadable ({type(exc).__name__}: {exc}); "
+                f"`tcsmae info {self.path} --verify` lists damaged cases; convert them again with "
+                "--overwrite"
+            ) from exc
 
     def read_label_slice(self, case_index: int, z: int) -> np.ndarray:
         """One label slice as (Y, X) int64 label ids; UserError when the case has no labels."""

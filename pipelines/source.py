@@ -101,6 +101,9 @@ class SliceSource:
         if not 0 <= rank < world_size:
             raise UserError(f"rank {rank} must lie in [0, world_size={world_size})")
         self.store = open_store(store_path)
+        if self.store.n_slices == 0:
+            raise UserError(f"{store_path} holds no cases yet (every conversion into it failed or "
+                            f"none finished); `tcsmae info {store_path}` shows it, convert data into it first")
         self.cfg = cfg
         self.batch_size = int(batch_size)
         self.rank, self.world_size = int(rank), int(world_size)

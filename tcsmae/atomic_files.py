@@ -16,6 +16,13 @@ def _tmp_for(path: Path, suffix: str = "") -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
 
 
+def readable_by_all(path: str | os.PathLike) -> None:
+    """Give a file made by mkstemp (mode 0600) the usual mode: 0666 less the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write `text` to `path` atomically; creates the parent folder. Returns the path."""
     path = Path(path)

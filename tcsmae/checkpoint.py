@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tcsmae.atomic_files import readable_by_all
+
 from tcsmae.errors import UserError
 
 FORMAT = "tcsmae-pretrain"
@@ -42,6 +44,7 @@ def save_checkpoint(path: str | Path, payload: dict) -> Path:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
+        readable_by_all(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

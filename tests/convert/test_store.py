@@ -114,3 +114,19 @@ def test_bad_case_id_and_codec(tmp_path):
         write_case_arrays(tmp_path / "s.zarr", "a/b", _hu(), {})
     with pytest.raises(UserError, match="codec"):
         StoreWriter(tmp_path / "s.zarr", codec="gzip9")
+
+
+def test_damaged_index_or_chunk_is_a_user_error_naming_the_fix(tmp_path):
+    path = tmp_path / "s.zarr"
+    with StoreWriter(path) as w:
+        w.write_case("a", _hu(), {"source_sha256": "x"})
+    assert (path / INDEX_FILE).stat().st_mode & 0o044  # readable by others (not mkstemp's 0600)
+    store = open_store(path)
+    shard = next(p for p in (path / "images" / "a").rglob("*") if p.is_file() and p.name != "zarr.json")
+    shard.write_bytes(shard.read_bytes()[:20])  # a truncated shard
+    with pytest.raises(UserError, match=r"case 'a' slice 1 is unreadable.*--verify"):
+        open_store(path).read_slice(0, 1)
+    del store
+    (path / INDEX_FILE).write_text("not an index")
+    with pytest.raises(UserError, match="unreadable.*delete"):
+        open_store(path)

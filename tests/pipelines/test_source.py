@@ -219,3 +219,12 @@ def test_case_filter_keeps_only_chosen_cases_and_skips_unlabelled_others(tiny_st
         SliceSource(mixed, PipelineConfig(size=32), 2, with_labels=True)
     only = SliceSource(mixed, PipelineConfig(size=32), 2, with_labels=True, case_ids=["lab"])
     assert only.n_batches == 3
+
+
+def test_empty_store_says_it_holds_no_cases(tmp_path):
+    from tcsmae.convert.store import StoreWriter
+
+    with StoreWriter(tmp_path / "empty.zarr"):
+        pass
+    with pytest.raises(UserError, match="holds no cases"):
+        SliceSource(tmp_path / "empty.zarr", PipelineConfig(size=32), 2)
