@@ -581,7 +581,7 @@ def finetune(data: str | Path, out: str | Path, cfg: FinetuneConfig) -> dict:
     from tcsmae.convert.store import open_store
     from tcsmae.atomic_files import write_json_atomic
     from tcsmae.folds import check_leakage, make_folds, write_folds
-    from tcsmae.labelmap import load_label_map
+    from tcsmae.labelmap import check_against_ids, load_label_map
 
     out_dir = Path(out)
     store = open_store(data)
@@ -596,6 +596,11 @@ def finetune(data: str | Path, out: str | Path, cfg: FinetuneConfig) -> dict:
         raise UserError(f"{data}: no case has labels; convert with --labels (or a manifest labels column)")
     if unlabelled:
         warnings.warn(f"{len(unlabelled)} case(s) without labels are left out: {unlabelled[:5]}", stacklevel=2)
+    present = set()
+    for c in labelled:
+        present.update(np.unique(store.label(c)[...]).tolist())
+    for msg in check_against_ids(label_map, present, str(data)):
+        warnings.warn(msg, stacklevel=2)
     attrs = {c: store.case_attrs(c) for c in labelled}
     for msg in check_leakage(attrs, meta.get("pretraining_cases"), cfg.allow_overlap):
         warnings.warn(msg + " (allowed by --allow-overlap)", stacklevel=2)

@@ -191,3 +191,25 @@ def label_map_from_record(record: dict, source: str) -> LabelMap:
     if record.get("all_nonzero"):
         return foreground_map()
     return label_map_from_json({k: record[k] for k in ("classes", "groups", "name", "note") if k in record}, source)
+
+
+def check_against_ids(label_map: LabelMap, present: set[int], store: str) -> list[str]:
+    """Compare a map with the label ids a store holds (background 0 excluded).
+
+    Raises UserError when no class of the map occurs at all (wrong map for this store, e.g.
+    `chest11` on phantom labels); returns warnings naming the classes that never occur.
+    """
+    present = {int(i) for i in present} - {0}
+    if label_map.all_nonzero:
+        if not present:
+            raise UserError(f"{store}: every label map of the store is empty (only background 0)")
+        return []
+    absent = [name for name, ids in label_map.classes.items() if not present.intersection(ids)]
+    if len(absent) == len(label_map.classes):
+        raise UserError(
+            f"{store}: none of the label ids of map {label_map.name or label_map.source} "
+            f"({sorted(i for ids in label_map.classes.values() for i in ids)[:12]}) occur in the "
+            f"store, which holds ids {sorted(present)[:20]}; choose the map that matches how the "
+            "labels were made (--labels-map chest11 for TotalSegmentator, phantom for the phantom)")
+    return [f"label map {label_map.name or label_map.source}: class(es) {absent} never occur in {store} "
+            "(their scores will be undefined)"] if absent else []

@@ -99,3 +99,14 @@ def test_phantom_maps_match_phantom_label_ids():
     assert set(m.groups["lesions"]) == {"ground_glass_lesion", "mediastinal_mass"}
     lesion = load_label_map("phantom-lesion")
     assert lesion.binary and lesion.classes == {"ground_glass_lesion": (LABEL_IDS["ground_glass_lesion"],)}
+
+
+def test_map_checked_against_the_ids_a_store_holds():
+    from tcsmae.labelmap import check_against_ids, load_label_map
+
+    chest = load_label_map("chest11")
+    with pytest.raises(UserError, match="none of the label ids"):
+        check_against_ids(chest, {0, 1, 4, 7}, "phantom.zarr")          # phantom ids, wrong map
+    msgs = check_against_ids(chest, {0, 10, 11, 51}, "real.zarr")      # lobes and heart only
+    assert len(msgs) == 1 and "trachea" in msgs[0] and "heart" not in msgs[0]
+    assert check_against_ids(load_label_map("phantom"), set(range(11)), "ph.zarr") == []
