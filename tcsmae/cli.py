@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand -> module. Order is the order shown in --help.
@@ -33,6 +34,16 @@ COMMANDS: dict[str, str] = {
     "visualize": "tcsmae.visualize",
     "bench": "tcsmae.bench",
 }
+
+
+def _own_dirs() -> tuple[str, ...]:
+    """Folders of tcsmae's three packages (convert/ and pipelines/ may live apart, editable)."""
+    import tcsmae
+    import tcsmae.convert
+    import tcsmae.pipelines
+
+    return tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+                 for m in (tcsmae, tcsmae.convert, tcsmae.pipelines))
 
 
 def _load(name: str):
@@ -71,8 +82,21 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 2
+    import warnings
+
     from tcsmae.errors import UserError
 
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        # users see the message, not a source line; library deprecation noise keeps its origin
+        text = (f"tcsmae {args.command}: warning: {message}" if issubclass(category, UserWarning)
+                and os.path.abspath(filename).startswith(own) else
+                warnings.formatwarning(message, category, filename, lineno, line).rstrip())
+        print(text, file=file or sys.stderr)
+
+    own = _own_dirs()
+    previous = warnings.showwarning
+    if previous is getattr(warnings, "_showwarning_orig", previous):  # not when a test records them
+        warnings.showwarning = show_warning
     try:
         return int(args._run(args) or 0)
     except UserError as exc:
@@ -81,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = previous
 
 
 if __name__ == "__main__":

@@ -340,8 +340,8 @@ def train_one_epoch(setup: TrainingSetup, batches: Iterable[dict], n_steps: int,
             if not result.finite:
                 record["slices"] = slices
             log.write(record)
-            bar.set_postfix(loss=f"{result.values['loss']:.4f}", ssim=f"{result.values['loss_ssim']:.4f}",
-                            con=f"{result.values['loss_con']:.3f}",
+            bar.set_postfix(loss=f"{result.values['loss']:.4f}", l_ssim=f"{result.values['loss_ssim']:.4f}",
+                            l_con=f"{result.values['loss_con']:.3f}",
                             T=f"{result.values['temperature'] or 0:.4f}", pairs_s=f"{pairs_per_s:.1f}")
         if pos.nonfinite_in_a_row >= cfg.max_nonfinite:
             raise UserError(f"{pos.nonfinite_in_a_row} non-finite losses in a row (last at step {pos.step}): "

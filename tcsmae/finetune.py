@@ -389,6 +389,19 @@ def _run_key(cfg: FinetuneConfig) -> dict:
     return key
 
 
+def _key_changes(old: dict, new: dict, prefix: str = "") -> str:
+    """'size: 64 -> 96, ...': the settings that differ between two run keys (nested dicts)."""
+    changes = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = _key_changes(a, b, f"{prefix}{k}.")
+            changes += [inner] if inner else []
+        elif a != b:
+            changes.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return ", ".join(changes)
+
+
 def _plain(value):
     """Tuples -> lists recursively, so a config survives JSON and weights_only loads."""
     if isinstance(value, dict):
@@ -427,8 +440,8 @@ def run_fold(store, store_path, cfg: FinetuneConfig, fold_index: int, train_ids,
     if last_path.is_file():
         ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
         if ckpt.get("run_key") != _run_key(cfg):
-            raise UserError(f"{last_path} was written with other settings; re-run with the same options "
-                            "to resume it, or choose a new --out")
+            raise UserError(f"{last_path} was written with other settings ({_key_changes(ckpt.get('run_key') or {}, _run_key(cfg))}); "
+                            "re-run with the same options to resume it, or choose a new --out")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, history, best_dsc = int(ckpt["epoch"]), list(ckpt["history"]), float(ckpt["best_dsc"])

@@ -169,6 +169,8 @@ def test_run_layout_resume_and_results(tmp_path):
     # a different setting in the same folder is refused
     with pytest.raises(UserError, match="other settings"):
         finetune(store, tmp_path / "b", FinetuneConfig(epochs=3, fold=0, **{**base, "lr": 1e-2}))
+    with pytest.raises(UserError, match=r"lr: 0.001 -> 0.01"):
+        finetune(store, tmp_path / "b", FinetuneConfig(epochs=3, fold=0, **{**base, "lr": 1e-2}))
 
 
 @pytest.mark.gpu
