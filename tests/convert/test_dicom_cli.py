@@ -287,6 +287,11 @@ def test_worker_process_killed_after_writing_arrays(tmp_path, convert, two_serie
         return result
 
     monkeypatch.setattr(store_module, "write_case_arrays", write_then_die)  # forked workers inherit it
+    # threads left by earlier tests in this process (torch, DALI) would make the converter use a
+    # forkserver, whose workers would not inherit the patch: fork regardless, as on a clean start
+    import tcsmae.convert.dicom_to_zarr as d2z
+
+    monkeypatch.setattr(d2z, "_fork_safe", lambda: True)
     code, out = convert(root, "-o", tmp_path / "k.zarr", workers=2)
     monkeypatch.undo()
     assert code == 1, out
@@ -302,11 +307,12 @@ def test_worker_process_killed_after_writing_arrays(tmp_path, convert, two_serie
     np.testing.assert_array_equal(store.image(uid(b))[:], b.hu)
 
 
-def test_no_fork_while_a_foreign_thread_runs():
+def test_no_fork_while_a_foreign_thread_runs(monkeypatch):
     import threading
 
     from tcsmae.convert.dicom_to_zarr import _fork_safe
 
+    before = _fork_safe()  # earlier tests in this process may have left threads (torch, DALI)
     stop = threading.Event()
     t = threading.Thread(target=stop.wait, name="someone-elses-thread", daemon=True)
     t.start()
@@ -315,4 +321,6 @@ def test_no_fork_while_a_foreign_thread_runs():
     finally:
         stop.set()
         t.join()
-    assert _fork_safe()
+    assert _fork_safe() == before
+    monkeypatch.setattr(threading, "enumerate", lambda: [threading.main_thread()])
+    assert _fork_safe()  # only the main thread: forking is safe
