@@ -62,7 +62,8 @@ def _convert_to_store(dicom: Path | None, nifti: Path | None, tmp: Path) -> Path
 
         code = convert_dicom([str(dicom), "-o", str(store), "--workers", "1"])
         if code not in (0, 3):
-            raise UserError(f"--dicom {dicom}: no series could be converted (see the table above)")
+            raise UserError(f"--dicom {dicom}: no CT series could be converted from it (the converter says why above); "
+                            "check the folder holds DICOM CT slices")
     else:
         from tcsmae.convert.nifti_to_zarr import convert_sources, make_source
 
