@@ -178,6 +178,8 @@ def _scan_file(path: str | Path) -> ScanResult:
         with open(path, "rb") as f:
             f.seek(128)
             if f.read(4) != b"DICM":  # a Part 10 file; anything else is junk (pydicom agrees)
+                if path.endswith((".nii", ".nii.gz")):
+                    return ScanResult(path, "junk", "a NIfTI file, not DICOM: use `tcsmae convert-nifti`")
                 return ScanResult(path, "junk", "not a DICOM file (no DICM preamble)")
             f.seek(0)
             digest = hashlib.file_digest(f, "sha256").hexdigest()

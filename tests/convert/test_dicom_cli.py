@@ -324,3 +324,11 @@ def test_no_fork_while_a_foreign_thread_runs(monkeypatch):
     assert _fork_safe() == before
     monkeypatch.setattr(threading, "enumerate", lambda: [threading.main_thread()])
     assert _fork_safe()  # only the main thread: forking is safe
+
+
+def test_nifti_given_to_the_dicom_converter_points_to_convert_nifti(tmp_path):
+    from tcsmae.convert.dicom_series import scan_file
+
+    (tmp_path / "ct.nii.gz").write_bytes(b"\x1f\x8b" + bytes(400))
+    result = scan_file(tmp_path / "ct.nii.gz")
+    assert result.kind == "junk" and "convert-nifti" in result.reason
