@@ -294,14 +294,16 @@ def test_worker_process_killed_after_writing_arrays(tmp_path, convert, two_serie
     monkeypatch.setattr(d2z, "_fork_safe", lambda: True)
     code, out = convert(root, "-o", tmp_path / "k.zarr", workers=2)
     monkeypatch.undo()
-    assert code == 1, out
+    assert code in (1, 3), out  # 3 when the other worker's case was committed before the death
     assert "worker process died" in out and "fewer --workers" in out and "Traceback" not in out
     assert uid(b) not in open_store(tmp_path / "k.zarr").case_ids
 
     assert (tmp_path / "k.zarr" / "images" / uid(b)).is_dir()  # written, never committed
     code, out = convert(root, "-o", tmp_path / "k.zarr", workers=2)
     assert code == 0, out
-    assert f"removed leftovers of unfinished cases: images/{uid(b)}" in out
+    # the other worker's case may or may not have been committed before the pool broke
+    leftovers = next(line for line in out.splitlines() if "removed leftovers of unfinished cases" in line)
+    assert f"images/{uid(b)}" in leftovers
     store = open_store(tmp_path / "k.zarr")
     assert sorted(store.case_ids) == sorted([uid(a), uid(b)])
     np.testing.assert_array_equal(store.image(uid(b))[:], b.hu)
