@@ -378,23 +378,10 @@ def _exit_code(outcomes: list[Outcome]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Script entry: parse, run, print a UserError without a traceback."""
-    from tcsmae.errors import UserError
+    from tcsmae.errors import script_main
 
-    parser = argparse.ArgumentParser(prog="dicom_to_zarr.py", description=HELP)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except UserError as exc:
-        print(f"dicom_to_zarr: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return script_main("tcsmae.convert.dicom_to_zarr", "dicom_to_zarr.py", argv)
 
 
 if __name__ == "__main__":
-    # run the installed module, so worker processes unpickle tcsmae.convert.* functions
-    from tcsmae.convert import dicom_to_zarr as _installed
-
-    sys.exit(_installed.main())
+    sys.exit(main())

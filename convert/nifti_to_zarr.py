@@ -353,14 +353,8 @@ def run(args) -> int:
 
 
 if __name__ == "__main__":
-    import argparse
     import sys
 
-    _parser = argparse.ArgumentParser(prog="nifti_to_zarr.py", description=HELP)
-    add_arguments(_parser)
-    _args = _parser.parse_args()
-    try:
-        sys.exit(run(_args))
-    except UserError as _exc:
-        print(f"nifti_to_zarr.py: error: {_exc}", file=sys.stderr)
-        sys.exit(_exc.exit_code)
+    from tcsmae.errors import script_main
+
+    sys.exit(script_main("tcsmae.convert.nifti_to_zarr", "nifti_to_zarr.py"))

@@ -531,13 +531,8 @@ def run(args) -> int:
 
 
 if __name__ == "__main__":
-    import argparse
     import sys
 
-    _p = argparse.ArgumentParser(prog="phantom.py", description=HELP)
-    add_arguments(_p)
-    try:
-        sys.exit(run(_p.parse_args()))
-    except UserError as _exc:
-        print(f"phantom.py: error: {_exc}", file=sys.stderr)
-        sys.exit(_exc.exit_code)
+    from tcsmae.errors import script_main
+
+    sys.exit(script_main("tcsmae.convert.phantom", "phantom.py"))

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import warnings
 
-    from tcsmae.errors import UserError
+    from tcsmae.errors import run_command
 
     def show_warning(message, category, filename, lineno, file=None, line=None):
         # users see the message, not a source line; library deprecation noise keeps its origin
@@ -98,13 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     if previous is getattr(warnings, "_showwarning_orig", previous):  # not when a test records them
         warnings.showwarning = show_warning
     try:
-        return int(args._run(args) or 0)
-    except UserError as exc:
-        print(f"tcsmae {args.command}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return run_command(args._run, args, f"tcsmae {args.command}")
     finally:
         warnings.showwarning = previous
 

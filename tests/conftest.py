@@ -34,6 +34,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch on one intra-op thread for the test, restored afterwards (tiny runs on a busy
+    2-core machine: spinning OpenMP threads were 3-10x slower, and one thread keeps CPU
+    reductions bit-reproducible for the exact-resume tests)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """Path of ../shared/data; fails under CI=true when it is missing."""

@@ -1,16 +1,9 @@
-"""Training tests run torch on one intra-op thread: the runs are tiny (64 px), a fixed thread
-count makes CPU reductions bit-reproducible (resume tests compare losses exactly), and on a
-busy 2-core machine two spinning OpenMP threads were 3-4x slower than one."""
-
-from __future__ import annotations
+"""Training tests: one torch thread (see tests/conftest.py); exact-resume tests compare
+losses bit for bit, which a fixed thread count keeps reproducible."""
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(before)
