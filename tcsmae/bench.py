@@ -283,9 +283,10 @@ def _count(items: list) -> int:
 def measure_read(store, ids, seconds: float, workers: int, batch_size: int) -> dict:
     """Zarr slice reads through CTStore.read_slice (decode + widen to float32).
 
-    ids: (n,) int64 slice ids, read in this (shuffled) order, cycled. One process, then W
-    DataLoader worker processes that decode and drop the slice (nothing shipped back);
-    seconds / 2 each.
+    ids: (n,) int64 slice ids, read in this (shuffled) order, cycled. One process, then the
+    same through zarr-python (`zarr.Array[z]`, what read_slice did before it read shard files
+    directly; `zarr_slices_per_s`), then W DataLoader worker processes that decode and drop
+    the slice (nothing shipped back); seconds / 3 each.
     MB/s counts the HU bytes as stored (int16: 2 bytes per pixel).
     """
     import numpy as np
@@ -302,8 +303,17 @@ def measure_read(store, ids, seconds: float, workers: int, batch_size: int) -> d
         store.read_slice(int(case[sid]), int(zs[sid]))
         return 1
 
-    n, elapsed = _timed(one, seconds / 2, warmup=2)
+    n, elapsed = _timed(one, seconds / 3, warmup=2)
     single = n / elapsed
+
+    def one_via_zarr() -> int:
+        sid = ids[position[0] % len(ids)]
+        position[0] += 1
+        np.asarray(store.image(store.case_ids[case[sid]])[int(zs[sid])], dtype=np.float32)
+        return 1
+
+    n_zarr, elapsed_zarr = _timed(one_via_zarr, seconds / 3, warmup=2)
+    via_zarr = n_zarr / elapsed_zarr
 
     # an epoch long enough to keep every worker busy (8 batches each), not just the pool's
     repeated = np.resize(np.asarray(ids), max(len(ids), 8 * workers * batch_size))
@@ -319,10 +329,11 @@ def measure_read(store, ids, seconds: float, workers: int, batch_size: int) -> d
             state["it"] = iter(loader)
             return next(state["it"])
 
-    n_par, elapsed_par = _timed(batch, seconds / 2, warmup=workers)
+    n_par, elapsed_par = _timed(batch, seconds / 3, warmup=workers)
     parallel = n_par / elapsed_par
     del state, loader
     return {"slices_per_s": single, "mb_per_s": single * bytes_per_slice / 1e6,
+            "zarr_slices_per_s": via_zarr, "direct_over_zarr": single / via_zarr,
             "slice_shape": list(first.shape[1:]), "stored_dtype": str(first.dtype),
             "parallel_workers": workers, "parallel_slices_per_s": parallel,
             "parallel_mb_per_s": parallel * bytes_per_slice / 1e6,
@@ -689,6 +700,8 @@ def markdown_table(result: dict) -> str:
     rows = [
         ("read", "slices/s, 1 process", fmt(g("read.slices_per_s"))),
         ("read", "MB/s of HU, 1 process", fmt(g("read.mb_per_s"))),
+        ("read", "slices/s, 1 process, through zarr-python", fmt(g("read.zarr_slices_per_s"))),
+        ("read", "direct / zarr-python", fmt(g("read.direct_over_zarr"), 2)),
         ("read", f"slices/s, {bench['workers']} processes", fmt(g("read.parallel_slices_per_s"))),
         ("preprocess", f"baseline (DataLoader, {bench['workers']} workers) slices/s",
          fmt(g("preprocess.baseline.slices_per_s"))),

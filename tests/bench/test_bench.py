@@ -98,6 +98,8 @@ def test_ratios_are_quotients_of_the_same_run(bench_run):
     read = result["read"]
     assert read["stored_dtype"] == "int16" and read["slice_shape"] == [64, 64]
     assert read["mb_per_s"] == pytest.approx(read["slices_per_s"] * 64 * 64 * 2 / 1e6)
+    assert read["zarr_slices_per_s"] > 0
+    assert read["direct_over_zarr"] == pytest.approx(read["slices_per_s"] / read["zarr_slices_per_s"])
 
 
 def test_machine_and_config_are_recorded(bench_run):
