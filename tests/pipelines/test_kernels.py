@@ -1,5 +1,6 @@
-"""Batched twins (what the CPU path runs) against the reference; CuPy kernels (marked gpu)
-against their NumPy twins on random and real inputs."""
+"""Batched twins (what the CPU path runs) against the reference; CuPy kernels against their
+NumPy twins on random and real inputs: on a GPU (marked gpu), and everywhere through the
+CPU emulation of the CUDA source (tests/pipelines/cuda_emulator.py) and an NVRTC compile."""
 
 from __future__ import annotations
 
@@ -101,19 +102,87 @@ def test_resize_weights_by_hand():
 
 
 # ------------------------------------------------------------------ GPU twins
-def _cp():
-    import cupy as cp
+@pytest.fixture(scope="module")
+def emulated_module(tmp_path_factory):
+    import cuda_emulator
 
-    return cp
+    lib = cuda_emulator.build(kernels._CUDA_SOURCE, tmp_path_factory.mktemp("cuda-emulated"))
+    return cuda_emulator.EmulatedModule(lib, kernels._CUDA_SOURCE)
 
 
-@gpu
-@requires_cuda
+@pytest.fixture(params=[pytest.param("cuda", marks=[gpu, requires_cuda]), "emulated"])
+def cp(request, monkeypatch):
+    """The `cupy` the *_cupy launchers run with: the real one on a GPU, or NumPy with the CUDA
+    source compiled for the CPU (each kernel run thread by thread)."""
+    if request.param == "cuda":
+        import cupy
+
+        return cupy
+    import sys
+
+    import cuda_emulator
+
+    module = request.getfixturevalue("emulated_module")
+    fake = cuda_emulator.numpy_cupy()
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(kernels, "_module", lambda: module)
+    return fake
+
+
+def test_cuda_source_compiles_with_nvrtc_and_exports_every_kernel():
+    """NVRTC (the compiler CuPy's RawModule uses; shipped with torch's CUDA wheels) compiles the
+    source for Ampere and Hopper without a warning, and the PTX holds every kernel."""
+    import re
+
+    import cuda_emulator
+    from cuda.bindings import nvrtc
+
+    names = set(cuda_emulator.kernel_signatures(kernels._CUDA_SOURCE))
+    assert {"window_edges_f32", "window_edges_i16", "tissue_mask_apply", "patch_mask_apply",
+            "resize_x", "resize_y"} <= names
+    for arch in (b"compute_80", b"compute_90"):
+        err, prog = nvrtc.nvrtcCreateProgram(kernels._CUDA_SOURCE.encode(), b"kernels.cu", 0, [], [])
+        assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS
+        opts = [b"--gpu-architecture=" + arch, b"--std=c++17"]
+        (result,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+        _, size = nvrtc.nvrtcGetProgramLogSize(prog)
+        log = b" " * size
+        nvrtc.nvrtcGetProgramLog(prog, log)
+        assert result == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode()
+        assert log.strip(b" \0\n") == b"", log.decode()
+        _, size = nvrtc.nvrtcGetPTXSize(prog)
+        ptx = b" " * size
+        nvrtc.nvrtcGetPTX(prog, ptx)
+        assert set(re.findall(r"\.entry (\w+)", ptx.decode(errors="replace"))) == names
+        nvrtc.nvrtcDestroyProgram(prog)
+
+
+def test_emulation_runs_every_kernel_through_its_launcher(emulated_module, monkeypatch):
+    import sys
+
+    import cuda_emulator
+
+    monkeypatch.setitem(sys.modules, "cupy", cuda_emulator.numpy_cupy())
+    monkeypatch.setattr(kernels, "_module", lambda: emulated_module)
+    rng = np.random.default_rng(10)
+    stack = _random_stack(rng, 2, 16, 16)
+    emulated_module.launches.clear()
+    for dtype in (np.float32, np.int16):
+        kernels.window_edges_cupy(stack[:, 3].astype(dtype), LUNG, MED, "clip", 1.0)
+    kernels.tissue_mask_apply_cupy(stack, np.ones((2, 8), np.uint8), -1000, 500)
+    kernels.patch_mask_apply_cupy(stack, np.ones((2, 1, 1), np.uint8), 16)
+    kernels.resize_cupy(stack, 8)
+    launched = {name for name, _, _ in emulated_module.launches}
+    assert launched == set(emulated_module.signatures)
+    assert all(threads == kernels._THREADS for _, _, threads in emulated_module.launches)
+    # one thread per output element, rounded up to whole blocks
+    assert ("tissue_mask_apply", 2, kernels._THREADS) in emulated_module.launches
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.int16])
 @pytest.mark.parametrize("shape", [(4, 64, 80), (2, 1, 7), (3, 5, 1), (2, 512, 512)])
 @pytest.mark.parametrize("scaling", ["clip", "divide"])
-def test_window_edges_cupy_matches_numpy(dtype, shape, scaling):
-    cp = _cp()
+def test_window_edges_cupy_matches_numpy(cp, dtype, shape, scaling):
     hu = np.random.default_rng(5).uniform(-1200, 2000, shape).astype(dtype)
     got = cp.asnumpy(kernels.window_edges_cupy(cp.asarray(hu), LUNG, MED, scaling, 1.0))
     want = kernels.window_edges_numpy(hu, LUNG, MED, scaling, 1.0)
@@ -122,20 +191,14 @@ def test_window_edges_cupy_matches_numpy(dtype, shape, scaling):
     np.testing.assert_allclose(got[:, 2], want[:, 2], atol=2e-6)
 
 
-@gpu
-@requires_cuda
-def test_window_edges_cupy_on_real_slices(real_hu):
-    cp = _cp()
+def test_window_edges_cupy_on_real_slices(cp, real_hu):
     got = cp.asnumpy(kernels.window_edges_cupy(cp.asarray(real_hu), LUNG, MED, "clip", 1.0))
     want = kernels.window_edges_numpy(real_hu, LUNG, MED, "clip", 1.0)
     assert np.array_equal(got[:, [0, 1, 3]], want[:, [0, 1, 3]])
     np.testing.assert_allclose(got[:, 2], want[:, 2], atol=2e-6)
 
 
-@gpu
-@requires_cuda
-def test_tissue_mask_apply_cupy_matches_numpy(real_hu):
-    cp = _cp()
+def test_tissue_mask_apply_cupy_matches_numpy(cp, real_hu):
     rng = np.random.default_rng(6)
     stacks = [_random_stack(rng, 4, 33, 47),
               kernels.window_edges_numpy(real_hu, LUNG, MED, "clip", 1.0)]
@@ -146,10 +209,7 @@ def test_tissue_mask_apply_cupy_matches_numpy(real_hu):
         assert np.array_equal(cp.asnumpy(got), want)
 
 
-@gpu
-@requires_cuda
-def test_patch_mask_apply_cupy_matches_numpy():
-    cp = _cp()
+def test_patch_mask_apply_cupy_matches_numpy(cp):
     rng = np.random.default_rng(7)
     stack = _random_stack(rng, 3, 40, 36)
     grids = np.stack([masking.draw_patches(rng, (3, 3), 0.5) for _ in range(3)])
@@ -158,11 +218,8 @@ def test_patch_mask_apply_cupy_matches_numpy():
     assert np.array_equal(cp.asnumpy(got), want)
 
 
-@gpu
-@requires_cuda
 @pytest.mark.parametrize("in_size, out_size", [(512, 256), (48, 32), (100, 37), (5, 12)])
-def test_resize_cupy_matches_numpy(in_size, out_size, real_hu):
-    cp = _cp()
+def test_resize_cupy_matches_numpy(cp, in_size, out_size, real_hu):
     x = np.random.default_rng(9).uniform(-1000, 1000, (3, 4, in_size, in_size))
     x = x.astype(np.float32)
     got = cp.asnumpy(kernels.resize_cupy(cp.asarray(x), out_size))
@@ -177,9 +234,10 @@ def test_resize_cupy_matches_numpy(in_size, out_size, real_hu):
 @gpu
 @requires_cuda
 def test_cupy_batch_view_and_fallback():
+    import cupy as cp
+
     from tcsmae.pipelines.graph import _cupy_batch
 
-    cp = _cp()
     base = cp.arange(5 * 6 * 7, dtype=cp.float32).reshape(5, 6, 7)
     samples = [cp.from_dlpack(base[i]) for i in range(5)]       # contiguous, as DALI hands
     view = _cupy_batch(samples)
