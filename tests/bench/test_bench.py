@@ -64,7 +64,7 @@ def test_bench_writes_every_figure(bench_run):
         else:
             assert leaf in node, key
     for key in MEASURED:
-        value = bench._get(result, key)
+        value = bench.figure(result, key)
         assert isinstance(value, float) and math.isfinite(value) and value > 0, (key, value)
     stall = result["end_to_end"]["data_stall"]
     assert isinstance(stall, float) and 0.0 <= stall < 1.0
@@ -164,7 +164,7 @@ def test_a_failing_stage_is_recorded_and_the_rest_still_measured(tiny_store, tmp
     def broken(*args, **kwargs):
         raise RuntimeError("no model today")
 
-    monkeypatch.setattr(bench, "build_trainer", broken)
+    monkeypatch.setattr(bench.suite, "build_trainer", broken)  # where run_bench looks it up
     out = tmp_path / "partial.json"
     code = main(["bench", "--quick", "--data", str(tiny_store), "--device", "cpu", "--workers", "1",
                  "--batch-size", "4", "--size", "64", "--seconds", "0.2", "--pool-slices", "8",

@@ -1,0 +1,187 @@
+"""The training stages of `tcsmae bench`: one `Trainer` (tcsmae.engine) measured alone
+(train_step, batch sweep, FLOPs for MFU) and fed by the store loader (end_to_end)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+from tcsmae.bench.machine import gpu_peak
+from tcsmae.bench.stages import timed
+
+
+@dataclass
+class Trainer:
+    """One training setup (tcsmae.engine) shared by train_step, the sweep and end_to_end."""
+
+    setup: object
+    ctx: object
+    size: int
+
+    def sync(self) -> None:
+        """Wait for the work queued on torch's current stream (training kernels, the batch's
+        copy out of DALI), not for the whole device: DALI prefetches the next batches on its
+        own stream meanwhile, and that is not time the training loop waits for."""
+        import torch
+
+        if self.ctx.device.type == "cuda":
+            torch.cuda.current_stream(self.ctx.device).synchronize()
+
+
+def build_trainer(tcfg, device: str) -> Trainer:
+    from tcsmae.distributed import DistContext, resolve_device
+    from tcsmae.engine import build_training
+
+    dev = resolve_device(device)
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=dev)
+    return Trainer(build_training(replace(tcfg, device=str(dev)), ctx), ctx, tcfg.input_size)
+
+
+def flops_per_pair(trainer: Trainer, pairs: int = 2) -> float:
+    """Training FLOPs per pair: 3x the forward of both branches (PaLM's MFU convention),
+    counted by torch.utils.flop_counter.FlopCounterMode on a batch of `pairs`.
+
+    The forward is counted, not a whole step, because FlopCounterMode's backward formula
+    treats depthwise convolutions (MiT's Mix-FFN) as dense and overstates them by ~200x
+    (found by the training engineer; tcsmae.engine.measure_train_step counts the same way).
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tcsmae.engine import SyntheticBatches
+
+    setup, dev = trainer.setup, trainer.ctx.device
+    batch = SyntheticBatches(pairs, trainer.size, 1, device=dev).batch(0, 0)
+    amp = setup.amp
+    with torch.no_grad(), torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+        with FlopCounterMode(display=False) as counter:
+            setup.core(batch["masked"], batch["original"])
+    return 3.0 * float(counter.get_total_flops()) / pairs
+
+
+def measure_train(trainer: Trainer, batch_size: int, seconds: float, flops: float | None = None) -> dict:
+    """Training steps (tcsmae.engine.train_step) on one in-memory batch, GPU synchronised
+    after each step. peak_mem_gb: GPU = max allocated during the timed steps; CPU = the
+    process's peak resident set (ru_maxrss, everything so far included)."""
+    import resource
+
+    import torch
+
+    from tcsmae.engine import SyntheticBatches, train_step
+
+    dev = trainer.ctx.device
+    batch = SyntheticBatches(batch_size, trainer.size, 1, device=dev).batch(0, 0)
+
+    def step() -> int:
+        train_step(trainer.setup, batch, trainer.ctx)
+        trainer.sync()
+        return batch_size
+
+    if dev.type == "cuda":
+        step()  # cudnn autotuning and allocator growth, before the peak is reset
+        torch.cuda.reset_peak_memory_stats(dev)
+    pairs, elapsed = timed(step, seconds, warmup=2 if dev.type == "cuda" else 1)
+    out = {"pairs_per_s": pairs / elapsed, "batch_size": batch_size, "steps": pairs // batch_size,
+           "seconds": elapsed, "precision": str(trainer.setup.amp or torch.float32).replace("torch.", ""),
+           "channels_last": trainer.setup.channels_last}
+    if dev.type == "cuda":
+        out["peak_mem_gb"] = torch.cuda.max_memory_allocated(dev) / 1e9
+        out["peak_mem_what"] = "torch.cuda.max_memory_allocated during the timed steps"
+    else:
+        out["peak_mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB -> GB
+        out["peak_mem_what"] = "process peak RSS (ru_maxrss), all stages so far"
+    if flops:
+        out["flops_per_pair"] = flops
+        out["tflops"] = flops * out["pairs_per_s"] / 1e12
+        peak, text = gpu_peak(torch.cuda.get_device_name(dev) if dev.type == "cuda" else None)
+        out["mfu"] = flops * out["pairs_per_s"] / peak if peak else None
+        out["mfu_peak"] = text
+    return out
+
+
+def batch_sweep(trainer: Trainer, sizes: tuple[int, ...], seconds: float, flops: float | None, say) -> dict:
+    """train_step at each batch size (out of memory -> recorded, skipped); the fastest wins."""
+    import torch
+
+    rows = []
+    for b in sizes:
+        try:
+            r = measure_train(trainer, b, seconds, flops)
+            rows.append({k: r.get(k) for k in ("batch_size", "pairs_per_s", "peak_mem_gb", "mfu")})
+            say(f"  batch {b}: {r['pairs_per_s']:.1f} pairs/s, {r['peak_mem_gb']:.2f} GB")
+        except torch.OutOfMemoryError:
+            rows.append({"batch_size": b, "pairs_per_s": None, "error": "out of memory"})
+        finally:
+            if trainer.ctx.device.type == "cuda":
+                torch.cuda.empty_cache()
+    measured = [r for r in rows if r["pairs_per_s"]]
+    best = max(measured, key=lambda r: r["pairs_per_s"])["batch_size"] if measured else None
+    return {"rows": rows, "best_batch_size": best}
+
+
+def measure_end_to_end(trainer: Trainer, store_path, pcfg, batch_size: int, workers: int,
+                       seconds: float, flops: float | None = None) -> dict:
+    """The store loader (tcsmae.pipelines.loader.make_loader) feeding engine.train_step.
+
+    data_stall = time in next(loader) (plus, on the GPU, the wait for the batch's copy)
+    / wall time of the timed loop. Torch's stream is synchronised after each training step,
+    so the loader's clock never runs while training kernels are still in flight (and DALI's
+    own stream, prefetching later batches, is never waited for). Batches that
+    open an epoch (the loader refills its prefetch queue there) are also counted apart:
+    `data_stall_within_epoch` leaves them out (a small store has many epoch boundaries).
+    """
+    import torch
+
+    from tcsmae.engine import train_step
+    from tcsmae.pipelines.loader import make_loader
+
+    dev = trainer.ctx.device
+    py_workers = max(1, workers // 2)
+    loader = make_loader(store_path, pcfg, batch_size, device=dev.type, num_threads=workers,
+                         py_workers=py_workers, device_id=dev.index if dev.type == "cuda" else None)
+    state = {"it": iter(loader), "opens_epoch": True}
+
+    def next_batch():
+        try:
+            batch = next(state["it"])
+            opens = state["opens_epoch"]
+        except StopIteration:
+            state["it"] = iter(loader)
+            batch, opens = next(state["it"]), True
+        state["opens_epoch"] = False
+        return batch, opens
+
+    for _ in range(2):  # warm-up: pipeline build, reader processes, first batches
+        batch, _ = next_batch()
+        train_step(trainer.setup, batch, trainer.ctx)
+    trainer.sync()
+    steps, wait, boundary_wait, boundaries = 0, 0.0, 0.0, 0
+    start = time.perf_counter()
+    while True:
+        t0 = time.perf_counter()
+        batch, opens = next_batch()
+        trainer.sync()
+        waited = time.perf_counter() - t0
+        wait += waited
+        if opens:
+            boundaries += 1
+            boundary_wait += waited
+        train_step(trainer.setup, batch, trainer.ctx)
+        trainer.sync()
+        steps += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            break
+    pairs_per_s = steps * batch_size / elapsed
+    out = {"pairs_per_s": pairs_per_s, "data_stall": wait / elapsed,
+           "data_stall_within_epoch": (wait - boundary_wait) / max(elapsed - boundary_wait, 1e-9),
+           "steps": steps, "seconds": elapsed, "wait_s": wait, "epoch_boundaries": boundaries,
+           "batches_per_epoch": len(loader), "batch_size": batch_size,
+           "loader_threads": workers, "loader_reader_processes": py_workers}
+    if dev.type == "cuda":
+        out["peak_mem_gb"] = torch.cuda.max_memory_allocated(dev) / 1e9
+    if flops:
+        out["tflops"] = flops * pairs_per_s / 1e12
+    del state, loader
+    return out
+
