@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from tcsmae.errors import UserError
+from tcsmae.device import resolve_device  # also imported from here by engine and bench
 
 
 @dataclass(frozen=True)
@@ -40,18 +40,6 @@ class DistContext:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(request: str, local_rank: int = 0) -> torch.device:
-    """'auto' | 'cpu' | 'cuda' | 'cuda:K' -> a torch.device (cuda:local_rank under torchrun)."""
-    if request == "auto":
-        request = "cuda" if torch.cuda.is_available() else "cpu"
-    if request.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {request}: no CUDA GPU is visible here; use --device cpu")
-        if request == "cuda":
-            return torch.device("cuda", local_rank)
-    return torch.device(request)
 
 
 def init_distributed(device_request: str = "auto") -> DistContext:

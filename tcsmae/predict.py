@@ -124,7 +124,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from tcsmae.finetune import resolve_device
+    from tcsmae.device import resolve_device
 
     model, meta = load_finetuned(args.weights)
     device = resolve_device(args.device)

@@ -133,7 +133,7 @@ def run(args) -> int:
     import numpy as np
 
     from tcsmae.convert.store import open_store
-    from tcsmae.finetune import resolve_device
+    from tcsmae.device import resolve_device
     from tcsmae.atomic_files import write_json_atomic
 
     names = args.names or [w.stem if w.stem != "weights" else w.parent.name for w in args.weights]

@@ -95,7 +95,7 @@ def run(args) -> int:
     import torch
 
     from tcsmae.convert.store import open_store
-    from tcsmae.finetune import resolve_device
+    from tcsmae.device import resolve_device
     from tcsmae.inference import classes_from_logits, model_input
     from tcsmae.predict import load_finetuned
     from tcsmae.recon_ssim import load_pretrained, prepared_pair
