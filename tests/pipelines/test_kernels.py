@@ -145,13 +145,15 @@ def test_cuda_source_compiles_with_nvrtc_and_exports_every_kernel():
         assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS
         opts = [b"--gpu-architecture=" + arch, b"--std=c++17"]
         (result,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+        # writable buffers: NVRTC writes into them, and `b" " * 1` would be CPython's shared
+        # one-byte object (overwriting it broke later torch.load calls in this process)
         _, size = nvrtc.nvrtcGetProgramLogSize(prog)
-        log = b" " * size
+        log = bytearray(size)
         nvrtc.nvrtcGetProgramLog(prog, log)
         assert result == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode()
         assert log.strip(b" \0\n") == b"", log.decode()
         _, size = nvrtc.nvrtcGetPTXSize(prog)
-        ptx = b" " * size
+        ptx = bytearray(size)
         nvrtc.nvrtcGetPTX(prog, ptx)
         assert set(re.findall(r"\.entry (\w+)", ptx.decode(errors="replace"))) == names
         nvrtc.nvrtcDestroyProgram(prog)
