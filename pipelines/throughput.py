@@ -145,6 +145,9 @@ def measure_preprocess(hu_batches: list[np.ndarray], cfg: PipelineConfig, device
         result["dali_gpu"] = {"slices_per_s": _time_dali(pipe, n, seconds, gpu=True),
                               "stacked": stacked}
         del pipe
+        import cupy
+
+        cupy.get_default_memory_pool().free_all_blocks()  # give training stages the memory back
     return result
 
 

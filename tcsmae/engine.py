@@ -397,13 +397,29 @@ def pretrain(cfg: TrainConfig, batches: BatchSource, out_dir: str | Path, ctx: D
     return pos
 
 
+# Dense bf16 peak of known GPUs (datasheet figures, without sparsity), for MFU estimates;
+# the first name contained in the device name wins, so "H100 PCIe" precedes "H100".
+GPU_PEAK_BF16 = (("H100 PCIe", 756e12, "H100 PCIe dense bf16 756 TFLOP/s"),
+                 ("H100", 989e12, "H100 SXM dense bf16 989 TFLOP/s"),
+                 ("H200", 989e12, "H200 dense bf16 989 TFLOP/s"),
+                 ("A100", 312e12, "A100 dense bf16 312 TFLOP/s"),
+                 ("L40S", 362e12, "L40S dense bf16 362 TFLOP/s"),
+                 ("B200", 2250e12, "B200 dense bf16 2250 TFLOP/s"))
+
+
+def gpu_peak(name: str | None) -> tuple[float | None, str | None]:
+    """(FLOP/s, description) of a GPU name's dense bf16 peak; (None, None) when unknown."""
+    for key, flops, text in GPU_PEAK_BF16:
+        if name and key in name:
+            return flops, text
+    return None, None
+
+
 def _peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak FLOP/s of known GPUs (for MFU); None when unknown (e.g. the CPU)."""
+    """Dense bf16 peak FLOP/s of the device (for MFU); None when unknown (e.g. the CPU)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    table = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "B200": 2250e12}
-    return next((v for k, v in table.items() if k in name), None)
+    return gpu_peak(torch.cuda.get_device_name(device))[0]
 
 
 def measure_train_step(cfg: TrainConfig, device: str | torch.device, batch_size: int,

@@ -28,7 +28,7 @@ The package, one file per part of the run:
     command.py   the CLI: flags -> BenchConfig -> run_bench -> result file and table
     config.py    BenchConfig, and the pretraining config it measures
     data.py      the cached phantom store and the in-memory slice pool
-    machine.py   CPU, GPU and package versions; GPU bf16 peaks for MFU
+    machine.py   CPU, GPU and package versions (GPU bf16 peaks: tcsmae.engine.gpu_peak)
     stages.py    read and preprocess stages, and the timed loop every stage uses
     training.py  train_step, batch sweep, FLOP count and end_to_end on one Trainer
     suite.py     run_bench: every stage in order into one result dict
@@ -38,7 +38,7 @@ The package, one file per part of the run:
 from tcsmae.bench.command import HELP, add_arguments, command_line, config_from_args, run
 from tcsmae.bench.config import BenchConfig, train_config
 from tcsmae.bench.data import PHANTOM_VERSION, default_phantom, phantom_store, slice_pool
-from tcsmae.bench.machine import GPU_PEAK_BF16, gpu_peak, machine_info
+from tcsmae.bench.machine import machine_info
 from tcsmae.bench.report import figure, markdown_table, readme_row, write_result
 from tcsmae.bench.stages import measure_preprocess_stage, measure_read, timed
 from tcsmae.bench.suite import FIGURE_KEYS, run_bench
@@ -49,7 +49,7 @@ __all__ = [
     "HELP", "add_arguments", "command_line", "config_from_args", "run",
     "BenchConfig", "train_config",
     "PHANTOM_VERSION", "default_phantom", "phantom_store", "slice_pool",
-    "GPU_PEAK_BF16", "gpu_peak", "machine_info",
+    "machine_info",
     "figure", "markdown_table", "readme_row", "write_result",
     "measure_preprocess_stage", "measure_read", "timed",
     "FIGURE_KEYS", "run_bench",

@@ -1,5 +1,5 @@
-"""Facts about the machine a result was measured on: CPU, GPU, package versions, and the
-dense bf16 peak of known GPUs (the denominator of MFU)."""
+"""Facts about the machine a result was measured on: CPU, GPU, package versions. (The dense
+bf16 peaks of known GPUs, the denominator of MFU, are tcsmae.engine.GPU_PEAK_BF16.)"""
 
 from __future__ import annotations
 
@@ -51,18 +51,3 @@ def machine_info() -> dict:
             "segmentation_models_pytorch": _version("segmentation-models-pytorch"),
         },
     }
-
-
-# Dense bf16 peak of known GPUs (datasheet figures, without sparsity), for the MFU estimate.
-GPU_PEAK_BF16 = (("H100 PCIe", 756e12, "H100 PCIe dense bf16 756 TFLOP/s"),
-                 ("H100", 989e12, "H100 SXM dense bf16 989 TFLOP/s"),
-                 ("H200", 989e12, "H200 dense bf16 989 TFLOP/s"),
-                 ("A100", 312e12, "A100 dense bf16 312 TFLOP/s"))
-
-
-def gpu_peak(name: str | None) -> tuple[float | None, str | None]:
-    """(FLOP/s, description) of a GPU name's dense bf16 peak; (None, None) when unknown."""
-    for key, flops, text in GPU_PEAK_BF16:
-        if name and key in name:
-            return flops, text
-    return None, None

@@ -97,8 +97,9 @@ def run_bench(cfg: BenchConfig, say=print, save=None) -> dict:
             if save is not None:
                 save(result)
 
-    # Order: the forked workers (reads, baseline) run before DALI and training touch the GPU
-    # (they never use CUDA themselves); the end-to-end loader spawns its readers.
+    # The read and baseline stages fork DataLoader workers after CUDA was initialised (the
+    # device check and machine_info above); that is safe because the children never use
+    # CUDA. The end-to-end loader spawns its readers (DALI refuses fork after CUDA init).
     result["read"] = stage("read", lambda: measure_read(store, ids, cfg.seconds, cfg.workers,
                                                         cfg.batch_size))
     pre = stage("preprocess", lambda: measure_preprocess_stage(hu, pcfg, cfg.device, cfg.workers,

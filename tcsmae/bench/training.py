@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 
-from tcsmae.bench.machine import gpu_peak
 from tcsmae.bench.stages import timed
 
 
@@ -93,6 +92,8 @@ def measure_train(trainer: Trainer, batch_size: int, seconds: float, flops: floa
     if flops:
         out["flops_per_pair"] = flops
         out["tflops"] = flops * out["pairs_per_s"] / 1e12
+        from tcsmae.engine import gpu_peak
+
         peak, text = gpu_peak(torch.cuda.get_device_name(dev) if dev.type == "cuda" else None)
         out["mfu"] = flops * out["pairs_per_s"] / peak if peak else None
         out["mfu_peak"] = text
@@ -155,6 +156,8 @@ def measure_end_to_end(trainer: Trainer, store_path, pcfg, batch_size: int, work
         batch, _ = next_batch()
         train_step(trainer.setup, batch, trainer.ctx)
     trainer.sync()
+    if dev.type == "cuda":  # this stage's own peak, not the batch sweep's before it
+        torch.cuda.reset_peak_memory_stats(dev)
     steps, wait, boundary_wait, boundaries = 0, 0.0, 0.0, 0
     start = time.perf_counter()
     while True:
@@ -180,6 +183,8 @@ def measure_end_to_end(trainer: Trainer, store_path, pcfg, batch_size: int, work
            "loader_threads": workers, "loader_reader_processes": py_workers}
     if dev.type == "cuda":
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated(dev) / 1e9
+        out["peak_mem_what"] = ("torch.cuda.max_memory_allocated during the timed steps "
+                                "(torch's allocator only; DALI's and CuPy's buffers not included)")
     if flops:
         out["tflops"] = flops * pairs_per_s / 1e12
     del state, loader

@@ -153,7 +153,9 @@ def test_bench_on_gpu_measures_gpu_figures(tiny_store, tmp_path):
     assert result["preprocess"]["dali_gpu_large_batch"]["slices_per_s"] > 0
     assert result["machine"]["gpu"]
     assert 0 < result["train_step"]["peak_mem_gb"] < 200
-    peak = bench.gpu_peak(result["machine"]["gpu"])[0]
+    from tcsmae.engine import gpu_peak
+
+    peak = gpu_peak(result["machine"]["gpu"])[0]
     if peak:  # a GPU of known peak: MFU is the achieved FLOP rate over it
         train = result["train_step"]
         assert train["mfu"] == pytest.approx(train["flops_per_pair"] * train["pairs_per_s"] / peak)
@@ -191,3 +193,12 @@ def test_readme_row_has_one_cell_per_column(bench_run):
     assert cells[0] == f"[{out.name}](results/{out.name})"
     assert cells[6] == "null"  # dali_gpu on the CPU
     assert float(cells[7]) == pytest.approx(result["ratios"]["dali_cpu_over_baseline"], abs=0.006)
+
+
+def test_gpu_peak_table_tells_h100_pcie_from_sxm():
+    from tcsmae.engine import gpu_peak
+
+    assert gpu_peak("NVIDIA H100 PCIe")[0] == 756e12
+    assert gpu_peak("NVIDIA H100 80GB HBM3")[0] == 989e12
+    assert gpu_peak("NVIDIA H200")[0] == 989e12
+    assert gpu_peak("Tesla T4") == (None, None) and gpu_peak(None) == (None, None)
