@@ -102,6 +102,7 @@ class SliceLoader:
         self.num_threads, self.py_workers, self.prefetch = num_threads, py_workers, prefetch
         self.epoch, self.step = int(epoch), int(step)
         self._iterator = None
+        self._end_pending = False  # last batch of an epoch taken, DALI's end-of-epoch not yet
         self._built_at: tuple[int, int] | None = None
         self._source = SliceSource(store_path, cfg, batch_size, rank, world_size, epoch, step,
                                    with_labels, stacked, case_ids)
@@ -127,6 +128,7 @@ class SliceLoader:
 
     def _close(self) -> None:
         self._iterator = None  # DALI frees the pipeline (and its workers) with the iterator
+        self._end_pending = False
 
     def _build(self) -> None:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -160,15 +162,37 @@ class SliceLoader:
             batch["label"] = label.to(torch.int64, copy=True)
         return batch
 
+    def _next_dali(self):
+        """DALI's next batch, or None at the end of the epoch (DALI then resets itself).
+        next() is called directly: DALI's __iter__ would reset a partly consumed iterator."""
+        try:
+            return next(self._iterator)
+        except StopIteration:
+            return None
+
     def __iter__(self):
         if self._iterator is None:
             self._build()
+        if self._end_pending:
+            # The previous epoch's last batch was taken but the consumer stopped before DALI
+            # reported the epoch's end: take that report now, so that the same pipeline
+            # serves the next epoch instead of a rebuild (reader processes, prefetch).
+            self._end_pending = False
+            if self._next_dali() is not None:
+                raise RuntimeError("DALI yielded a batch past the end of the epoch")
         # DALI continues epoch after epoch; our (epoch, step) follows it.
-        for data in self._iterator:
+        n = len(self)
+        while (data := self._next_dali()) is not None:
             batch = self._convert(data[0])
             self.step += 1
+            if self.step >= n:  # the epoch's last batch: the position moves on with it
+                self.epoch, self.step = self.epoch + 1, 0
+                self._end_pending = True
             yield batch
-        self.epoch, self.step = self.epoch + 1, 0
+        if self._end_pending:
+            self._end_pending = False      # DALI's end of the epoch seen
+        else:                              # (never expected: DALI ended the epoch early)
+            self.epoch, self.step = self.epoch + 1, 0
 
 
 def make_loader(store_path, cfg: PipelineConfig, batch_size: int, device: str = "cpu",
