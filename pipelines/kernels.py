@@ -207,19 +207,29 @@ __device__ __forceinline__ int reflect_index(int i, int n) {
     return i;
 }
 
+// One thread per (sample b, pixel p = y * w + x) of an (n, h, w) grid; false past the end.
+struct Pixel { int b, y, x; long long p, plane; };
+__device__ __forceinline__ bool pixel_of_thread(int n, int h, int w, Pixel& px) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    px.plane = (long long)h * w;
+    if (i >= (long long)n * px.plane) return false;
+    px.b = (int)(i / px.plane);
+    px.p = i - (long long)px.b * px.plane;
+    px.y = (int)(px.p / w);
+    px.x = (int)(px.p - (long long)px.y * w);
+    return true;
+}
+
 template <typename T>
 __device__ void window_edges_impl(const T* __restrict__ hu, float* __restrict__ out,
                                   int n, int h, int w,
                                   float lung_low, float lung_width,
                                   float med_low, float med_width,
                                   int scaling, float clip_value, float sobel_max) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    long long plane = (long long)h * w;
-    if (i >= (long long)n * plane) return;
-    int b = (int)(i / plane);
-    long long p = i - (long long)b * plane;
-    int y = (int)(p / w);
-    int x = (int)(p - (long long)y * w);
+    Pixel px;
+    if (!pixel_of_thread(n, h, w, px)) return;
+    const int b = px.b, y = px.y, x = px.x;
+    const long long p = px.p, plane = px.plane;
     const T* img = hu + (long long)b * plane;
 
     const float sx[3][3] = {{-1.f, 0.f, 1.f}, {-2.f, 0.f, 2.f}, {-1.f, 0.f, 1.f}};
@@ -272,32 +282,24 @@ __device__ __forceinline__ void write_packed(const float* s, float* packed, long
 extern "C" __global__ void tissue_mask_apply(const float* __restrict__ stack,
         const unsigned char* __restrict__ chosen, float* __restrict__ packed,
         int n, int h, int w, int k, double lo, double hi) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    long long plane = (long long)h * w;
-    if (i >= (long long)n * plane) return;
-    int b = (int)(i / plane);
-    long long p = i - (long long)b * plane;
-    const float* s = stack + (long long)b * 4 * plane + p;
-    double scaled = ((double)s[3 * plane] - lo) * (double)k / (hi - lo);
+    Pixel px;
+    if (!pixel_of_thread(n, h, w, px)) return;
+    const float* s = stack + (long long)px.b * 4 * px.plane + px.p;
+    double scaled = ((double)s[3 * px.plane] - lo) * (double)k / (hi - lo);
     scaled = fmin(fmax(floor(scaled), 0.0), (double)(k - 1));
     int idx = (int)scaled;
-    float m = chosen[(long long)b * k + idx] ? 0.f : 1.f;
-    write_packed(s, packed, plane, p, b, m);
+    float m = chosen[(long long)px.b * k + idx] ? 0.f : 1.f;
+    write_packed(s, packed, px.plane, px.p, px.b, m);
 }
 
 extern "C" __global__ void patch_mask_apply(const float* __restrict__ stack,
         const unsigned char* __restrict__ grid, float* __restrict__ packed,
         int n, int h, int w, int gy, int gx, int patch_size) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    long long plane = (long long)h * w;
-    if (i >= (long long)n * plane) return;
-    int b = (int)(i / plane);
-    long long p = i - (long long)b * plane;
-    int y = (int)(p / w);
-    int x = (int)(p - (long long)y * w);
-    const float* s = stack + (long long)b * 4 * plane + p;
-    float m = grid[((long long)b * gy + y / patch_size) * gx + x / patch_size] ? 0.f : 1.f;
-    write_packed(s, packed, plane, p, b, m);
+    Pixel px;
+    if (!pixel_of_thread(n, h, w, px)) return;
+    const float* s = stack + (long long)px.b * 4 * px.plane + px.p;
+    float m = grid[((long long)px.b * gy + px.y / patch_size) * gx + px.x / patch_size] ? 0.f : 1.f;
+    write_packed(s, packed, px.plane, px.p, px.b, m);
 }
 
 // Separable resize with weight tables (resize_weights): one thread per output element.
@@ -373,32 +375,29 @@ def window_edges_cupy(hu, lung: tuple[float, float], mediastinal: tuple[float, f
     return out
 
 
-def tissue_mask_apply_cupy(stack, chosen, lo: float, hi: float):
-    """CuPy twin of tissue_mask_apply_numpy: -> packed (N, 8, H, W) float32 cupy array."""
+def _mask_apply_cupy(kernel: str, stack, draw, *params):
+    """Launch a *_mask_apply kernel: stack (N, 4, H, W), draw (N, ...) uint8 -> packed."""
     import cupy as cp
 
     stack = cp.ascontiguousarray(stack, dtype=cp.float32)
-    chosen = cp.ascontiguousarray(chosen, dtype=cp.uint8)
+    draw = cp.ascontiguousarray(draw, dtype=cp.uint8)
     n, _, h, w = stack.shape
     packed = cp.empty((n, 8, h, w), dtype=cp.float32)
-    _launch("tissue_mask_apply", n * h * w, (
-        stack, chosen, packed, np.int32(n), np.int32(h), np.int32(w),
-        np.int32(chosen.shape[1]), np.float64(lo), np.float64(hi)))
+    _launch(kernel, n * h * w, (stack, draw, packed, np.int32(n), np.int32(h), np.int32(w),
+                                *params))
     return packed
+
+
+def tissue_mask_apply_cupy(stack, chosen, lo: float, hi: float):
+    """CuPy twin of tissue_mask_apply_numpy: -> packed (N, 8, H, W) float32 cupy array."""
+    return _mask_apply_cupy("tissue_mask_apply", stack, chosen, np.int32(chosen.shape[1]),
+                            np.float64(lo), np.float64(hi))
 
 
 def patch_mask_apply_cupy(stack, grid, patch_size: int):
     """CuPy twin of patch_mask_apply_numpy: -> packed (N, 8, H, W) float32 cupy array."""
-    import cupy as cp
-
-    stack = cp.ascontiguousarray(stack, dtype=cp.float32)
-    grid = cp.ascontiguousarray(grid, dtype=cp.uint8)
-    n, _, h, w = stack.shape
-    packed = cp.empty((n, 8, h, w), dtype=cp.float32)
-    _launch("patch_mask_apply", n * h * w, (
-        stack, grid, packed, np.int32(n), np.int32(h), np.int32(w),
-        np.int32(grid.shape[1]), np.int32(grid.shape[2]), np.int32(patch_size)))
-    return packed
+    return _mask_apply_cupy("patch_mask_apply", stack, grid, np.int32(grid.shape[1]),
+                            np.int32(grid.shape[2]), np.int32(patch_size))
 
 
 @functools.lru_cache(maxsize=64)

@@ -116,10 +116,9 @@ def run(args) -> int:
     if args.n < 1:
         raise UserError(f"--n {args.n}: give at least 1 slice")
     if args.device == "cuda":
-        import torch
+        from tcsmae.device import resolve_device
 
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA GPU is visible here; use --device cpu")
+        resolve_device("cuda")  # UserError without a GPU
     cfg = PipelineConfig(size=args.size, seed=args.seed, masking=args.masking, rho=args.rho)
     batch = preview_batch(args.data, cfg, args.n, args.device)
     out = Path(args.out)

@@ -48,10 +48,10 @@ def run_bench(cfg: BenchConfig, say=print, save=None) -> dict:
 
     from tcsmae.config import to_plain
     from tcsmae.convert.store import open_store
+    from tcsmae.device import resolve_device
 
     started = time.perf_counter()
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is visible here; use --device cpu")
+    resolve_device(cfg.device)  # UserError for --device cuda without a GPU
     store_path = Path(cfg.data) if cfg.data else default_phantom(cfg, say)
     store = open_store(store_path)
     if store.n_slices < cfg.batch_size:

@@ -29,6 +29,14 @@ def _disk_case(rng, z=6, y=40, x=48):
     return hu.astype(np.float32), np.where(disk, 3, 0)[None].repeat(z, 0).astype(np.uint8)
 
 
+def _attrs(n_slices, patient_id, series_uid, sha):
+    """Case attributes as the converters write them (2 x 1 x 1 mm, identity direction)."""
+    return {"spacing_mm": [2.0, 1.0, 1.0], "origin_mm": [0.0, 0.0, 0.0],
+            "direction": np.eye(3).tolist(), "z_positions_mm": [2.0 * k for k in range(n_slices)],
+            "patient_id": patient_id, "study_uid": "", "series_uid": series_uid,
+            "source_sha256": sha, "warnings": []}
+
+
 def _store(path, n=3, seed=0, series=None):
     from tcsmae.convert.store import StoreWriter
 
@@ -36,10 +44,7 @@ def _store(path, n=3, seed=0, series=None):
     with StoreWriter(path) as w:
         for i in range(n):
             hu, lab = _disk_case(rng)
-            attrs = {"spacing_mm": [2.0, 1.0, 1.0], "origin_mm": [0.0, 0.0, 0.0],
-                     "direction": np.eye(3).tolist(), "z_positions_mm": [2.0 * k for k in range(len(hu))],
-                     "patient_id": f"P{i}", "study_uid": "", "series_uid": (series or {}).get(i, f"1.2.{i}"),
-                     "source_sha256": f"{seed}-{i}", "warnings": []}
+            attrs = _attrs(len(hu), f"P{i}", (series or {}).get(i, f"1.2.{i}"), f"{seed}-{i}")
             w.write_case(f"case{i}", hu, attrs, labels=lab)
     return path
 
@@ -191,10 +196,7 @@ def test_store_without_labels_is_refused(tmp_path):
     path = tmp_path / "s.zarr"
     with StoreWriter(path) as w:
         hu, _ = _disk_case(np.random.default_rng(0))
-        w.write_case("bare", hu, {"spacing_mm": [2.0, 1.0, 1.0], "origin_mm": [0.0, 0.0, 0.0],
-                                  "direction": np.eye(3).tolist(), "z_positions_mm": list(range(len(hu))),
-                                  "patient_id": "", "study_uid": "", "series_uid": "", "source_sha256": "x",
-                                  "warnings": []})
+        w.write_case("bare", hu, _attrs(len(hu), "", "", "x"))
     with pytest.raises(UserError, match="no case has labels"):
         finetune(path, tmp_path / "out", FinetuneConfig(size=32))
 
@@ -205,10 +207,7 @@ def test_unlabelled_cases_are_left_out_with_a_warning(tmp_path):
 
     with StoreWriter(store) as w:
         hu, _ = _disk_case(np.random.default_rng(5))
-        w.write_case("bare", hu, {"spacing_mm": [2.0, 1.0, 1.0], "origin_mm": [0.0, 0.0, 0.0],
-                                  "direction": np.eye(3).tolist(), "z_positions_mm": list(range(len(hu))),
-                                  "patient_id": "P9", "study_uid": "", "series_uid": "9", "source_sha256": "y",
-                                  "warnings": []})
+        w.write_case("bare", hu, _attrs(len(hu), "P9", "9", "y"))
     lm = tmp_path / "map.json"
     lm.write_text(json.dumps({"classes": {"disk": [3]}}))
     cfg = FinetuneConfig(encoder="mit_b0", label_map=str(lm), folds=2, fold=0, epochs=1, size=32,

@@ -51,18 +51,8 @@ def real_hu_slices(shared_data, n: int = 3) -> np.ndarray:
     return np.stack(out)
 
 
-def cuda_available() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:
-        return False
-
-
 gpu = pytest.mark.gpu
 """Mark for tests that need CUDA; they skip where none is present (tests/conftest.py)."""
-requires_cuda = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU")
 
 
 def run_graph(hus: list, draws: list, cfg, device_id=None, labels=None, affines=None,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from pipeline_helpers import gpu, random_ct, requires_cuda, run_graph
+from pipeline_helpers import gpu, random_ct, run_graph
 
 from tcsmae.convert.store import StoreWriter
 from tcsmae.pipelines import masking
@@ -131,7 +131,6 @@ def test_cpu_loader_equals_reference_on_real_series(real_store, real_hu, size):
 
 # ------------------------------------------------------------------ GPU == CPU
 @gpu
-@requires_cuda
 @pytest.mark.parametrize("masking_mode", ["tissue", "patch"])
 def test_gpu_pipeline_equals_cpu_without_resize(masking_mode):
     cfg = PipelineConfig(size=0, masking=masking_mode, patch_size=8)
@@ -146,7 +145,6 @@ def test_gpu_pipeline_equals_cpu_without_resize(masking_mode):
 
 
 @gpu
-@requires_cuda
 @pytest.mark.parametrize("integer, stacked", [(False, False), (True, False), (True, True)])
 def test_gpu_pipeline_equals_cpu_with_resize(integer, stacked):
     cfg = PipelineConfig(size=64)
@@ -162,7 +160,6 @@ def test_gpu_pipeline_equals_cpu_with_resize(integer, stacked):
 
 
 @gpu
-@requires_cuda
 def test_gpu_pipeline_equals_cpu_on_real_series(real_hu):
     cfg = PipelineConfig(size=256)
     hus = [h for h in real_hu]
@@ -175,7 +172,6 @@ def test_gpu_pipeline_equals_cpu_on_real_series(real_hu):
 
 
 @gpu
-@requires_cuda
 def test_gpu_loader_yields_cuda_tensors(tiny_store):
     import torch
 

@@ -9,7 +9,7 @@ import pytest
 
 from tcsmae.pipelines import edges, kernels, masking, windowing
 
-from pipeline_helpers import gpu, requires_cuda
+from pipeline_helpers import gpu
 
 LUNG, MED = (-500.0, 1200.0), (30.0, 300.0)
 
@@ -110,23 +110,28 @@ def emulated_module(tmp_path_factory):
     return cuda_emulator.EmulatedModule(lib, kernels._CUDA_SOURCE)
 
 
-@pytest.fixture(params=[pytest.param("cuda", marks=[gpu, requires_cuda]), "emulated"])
-def cp(request, monkeypatch):
+@pytest.fixture
+def emulated_cupy(emulated_module, monkeypatch):
+    """NumPy as `cupy`, with the CUDA source compiled for the CPU behind kernels._module."""
+    import sys
+
+    import cuda_emulator
+
+    fake = cuda_emulator.numpy_cupy()
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(kernels, "_module", lambda: emulated_module)
+    return fake
+
+
+@pytest.fixture(params=[pytest.param("cuda", marks=gpu), "emulated"])
+def cp(request):
     """The `cupy` the *_cupy launchers run with: the real one on a GPU, or NumPy with the CUDA
     source compiled for the CPU (each kernel run thread by thread)."""
     if request.param == "cuda":
         import cupy
 
         return cupy
-    import sys
-
-    import cuda_emulator
-
-    module = request.getfixturevalue("emulated_module")
-    fake = cuda_emulator.numpy_cupy()
-    monkeypatch.setitem(sys.modules, "cupy", fake)
-    monkeypatch.setattr(kernels, "_module", lambda: module)
-    return fake
+    return request.getfixturevalue("emulated_cupy")
 
 
 def test_cuda_source_compiles_with_nvrtc_and_exports_every_kernel():
@@ -159,13 +164,7 @@ def test_cuda_source_compiles_with_nvrtc_and_exports_every_kernel():
         nvrtc.nvrtcDestroyProgram(prog)
 
 
-def test_emulation_runs_every_kernel_through_its_launcher(emulated_module, monkeypatch):
-    import sys
-
-    import cuda_emulator
-
-    monkeypatch.setitem(sys.modules, "cupy", cuda_emulator.numpy_cupy())
-    monkeypatch.setattr(kernels, "_module", lambda: emulated_module)
+def test_emulation_runs_every_kernel_through_its_launcher(emulated_module, emulated_cupy):
     rng = np.random.default_rng(10)
     stack = _random_stack(rng, 2, 16, 16)
     emulated_module.launches.clear()
@@ -262,7 +261,6 @@ def test_gpu_transform_matches_cpu_transform(cp, masking_mode, real_hu):
 
 
 @gpu
-@requires_cuda
 def test_cupy_batch_view_and_fallback():
     import cupy as cp
 
