@@ -120,7 +120,8 @@ class TrainConfig:
     lr_gamma: float = 0.96
     """ExponentialLR factor applied once per epoch."""
     seed: int = 0
-    """Seed of the model init, masks and sample order."""
+    """Seed of the model init; setting it (flag or config file) also sets `pipeline.seed`,
+    the seed of the masks and the sample order, unless that is given too."""
     device: str = "auto"
     """'auto' (cuda if available), 'cpu' or 'cuda'."""
     precision: str = "auto"
@@ -214,7 +215,15 @@ def _apply(cfg, overrides: dict, where: str):
 
 
 def apply_overrides(cfg: TrainConfig, overrides: dict, where: str = "overrides") -> TrainConfig:
-    """cfg with nested overrides such as {"model": {"encoder": "mit_b0"}, "epochs": 3}."""
+    """cfg with nested overrides such as {"model": {"encoder": "mit_b0"}, "epochs": 3}.
+
+    A top-level "seed" also sets the pipeline's seed (masks, sample order, augmentation)
+    unless the overrides give "pipeline": {"seed": ...} themselves, so one seed changes a
+    whole run, from a flag or from a config file alike.
+    """
+    pipe = overrides.get("pipeline", {})
+    if "seed" in overrides and isinstance(pipe, dict) and "seed" not in pipe:
+        overrides = {**overrides, "pipeline": {**pipe, "seed": overrides["seed"]}}
     return _apply(cfg, overrides, where)
 
 

@@ -84,7 +84,7 @@ def flag_overrides(args) -> dict:
         o["model"]["encoder"] = args.encoder
     if args.mep_levels is not None:
         o["model"]["mep_levels"] = list(parse_mep_levels(args.mep_levels))
-    pipe = {"size": args.size, "masking": args.masking, "rho": args.rho, "seed": args.seed}
+    pipe = {"size": args.size, "masking": args.masking, "rho": args.rho}
     o["pipeline"].update({k: v for k, v in pipe.items() if v is not None})
     return {k: v for k, v in o.items() if v != {}}
 
