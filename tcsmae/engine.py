@@ -38,6 +38,7 @@ from tcsmae.atomic_files import write_json_atomic
 from tcsmae.errors import UserError
 from tcsmae.losses import PretrainingLoss
 from tcsmae.model import TCSMAE
+from tcsmae.stopping import GracefulStop, TrainingStopped
 
 
 class BatchSource(Protocol):
@@ -301,8 +302,11 @@ def restore(setup: TrainingSetup, ckpt: dict, ctx: DistContext) -> Position:
 
 def train_one_epoch(setup: TrainingSetup, batches: Iterable[dict], n_steps: int, pos: Position,
                     cfg: TrainConfig, ctx: DistContext, log: MetricsLog,
-                    on_checkpoint: Callable[[Position], None]) -> None:
-    """Train on `batches` (the rest of epoch pos.epoch) until the epoch has n_steps steps."""
+                    on_checkpoint: Callable[[Position], None], stop: GracefulStop | None = None) -> None:
+    """Train on `batches` (the rest of epoch pos.epoch) until the epoch has n_steps steps.
+
+    When `stop` was signalled, saves a checkpoint after the current step and raises
+    TrainingStopped (at the epoch's last step the caller's end-of-epoch save does it)."""
     from tqdm.auto import tqdm
 
     global_batch = cfg.batch_size * ctx.world_size
@@ -349,8 +353,13 @@ def train_one_epoch(setup: TrainingSetup, batches: Iterable[dict], n_steps: int,
         if want_images:
             log.images(pos.step, result.output)
         bar.update(1)
-        if cfg.checkpoint_every and pos.step % cfg.checkpoint_every == 0 and pos.step_in_epoch < n_steps:
-            on_checkpoint(pos)
+        if pos.step_in_epoch < n_steps:
+            signum = stop.requested(ctx) if stop is not None else None
+            if signum or (cfg.checkpoint_every and pos.step % cfg.checkpoint_every == 0):
+                on_checkpoint(pos)
+            if signum:
+                bar.close()
+                raise TrainingStopped(signum, pos.step)
     bar.close()
 
 
@@ -362,6 +371,8 @@ def pretrain(cfg: TrainConfig, batches: BatchSource, out_dir: str | Path, ctx: D
     Writes out_dir/config.json, out_dir/metrics.jsonl, out_dir/checkpoints/last.pt (rank 0);
     `store` (the data's path) is recorded in the checkpoint for `--resume` without `--data`.
     Returns the final Position (its `history` holds this process's per-step loss values).
+    SIGTERM or Ctrl-C: the current step finishes, last.pt is saved at that position and
+    TrainingStopped is raised (tcsmae.stopping).
     """
     out_dir = Path(out_dir)
     if ctx.is_main:
@@ -386,12 +397,17 @@ def pretrain(cfg: TrainConfig, batches: BatchSource, out_dir: str | Path, ctx: D
         barrier(ctx)
 
     try:
-        while pos.epoch < cfg.epochs:
-            if pos.step_in_epoch < n_steps:
-                train_one_epoch(setup, batches(pos.epoch, pos.step_in_epoch), n_steps, pos, cfg, ctx, log, save)
-            setup.scheduler.step()
-            pos.epoch, pos.step_in_epoch = pos.epoch + 1, 0
-            save(pos)
+        with GracefulStop() as stop:
+            while pos.epoch < cfg.epochs:
+                if pos.step_in_epoch < n_steps:
+                    train_one_epoch(setup, batches(pos.epoch, pos.step_in_epoch), n_steps, pos, cfg, ctx, log,
+                                    save, stop)
+                setup.scheduler.step()
+                pos.epoch, pos.step_in_epoch = pos.epoch + 1, 0
+                save(pos)
+                signum = stop.requested(ctx)
+                if signum and pos.epoch < cfg.epochs:
+                    raise TrainingStopped(signum, pos.step)
     finally:
         log.close()
     return pos

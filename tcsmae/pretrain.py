@@ -208,6 +208,7 @@ def run(args) -> int:
     from tcsmae.distributed import broadcast_object, init_distributed, main_process_first, shutdown
     from tcsmae.engine import pretrain
     from tcsmae.errors import UserError
+    from tcsmae.stopping import TrainingStopped
 
     ckpt = load_checkpoint(args.resume) if args.resume else None
     cfg = build_config(args, stored=ckpt["config"] if ckpt else None)
@@ -230,17 +231,40 @@ def run(args) -> int:
         cases = pretraining_case_digests(store) if ctx.is_main and ckpt is None else None
         cases = broadcast_object(cases, ctx)
         batches = StoreBatches(store, cfg, ctx)
-        say(f"pretraining {cfg.model.encoder} at {cfg.input_size}x{cfg.input_size} on {store}: "
-            f"{ctx.world_size} rank(s) on {ctx.device}, global batch {cfg.batch_size * ctx.world_size} "
-            f"({cfg.batch_size} per rank), lr {cfg.lr} (gamma {cfg.lr_gamma}/epoch), masking "
-            f"{cfg.pipeline.masking}, MEP levels {['F%d' % v for v in cfg.model.mep_levels] or 'none'}, "
-            f"{batches.steps_per_epoch} batches per epoch per rank"
-            + (f", capped at {cfg.steps_per_epoch}" if 0 < cfg.steps_per_epoch < batches.steps_per_epoch else ""))
+        say(start_summary(cfg, ctx, store, batches.steps_per_epoch, asked_steps=args.steps_per_epoch))
+        last = out / "checkpoints" / "last.pt"
         if ckpt is not None:
-            say(f"resuming from {args.resume} at epoch {ckpt['data_position']['epoch']}, "
-                f"step {ckpt['step']}")
-        pos = pretrain(cfg, batches, out, ctx, resume=ckpt, pretraining_cases=cases, store=store)
-        say(f"done: {pos.step} steps, {pos.epoch} epochs; checkpoint {out / 'checkpoints' / 'last.pt'}")
+            done_epochs = ckpt["data_position"]["epoch"]
+            if done_epochs >= cfg.epochs:
+                say(f"{args.resume} has finished all {done_epochs} epochs: nothing to do; to train longer "
+                    f"pass a larger --epochs, e.g. --epochs {done_epochs + 10}")
+                return 0
+            say(f"resuming from {args.resume} after step {ckpt['step']}: epoch {done_epochs + 1}/{cfg.epochs}, "
+                f"batch {ckpt['data_position']['step'] + 1}")
+        try:
+            pos = pretrain(cfg, batches, out, ctx, resume=ckpt, pretraining_cases=cases, store=store)
+        except TrainingStopped as stopped:
+            say(f"{stopped}; checkpoint {last}: continue with tcsmae pretrain --resume {last}")
+            return 128 + stopped.signum
+        say(f"done: {pos.step} steps, {pos.epoch} epochs; checkpoint {last}")
     finally:
         shutdown(ctx)
     return 0
+
+
+def start_summary(cfg, ctx, store: Path, batches_per_epoch: int, asked_steps: int | None = None) -> str:
+    """The run's settings in one paragraph, with notes on settings that surprise
+    (`asked_steps`: --steps-per-epoch as given on the command line, None when not given)."""
+    n = cfg.steps_per_epoch
+    text = (f"pretraining {cfg.model.encoder} at {cfg.input_size}x{cfg.input_size} on {store}: "
+            f"{ctx.world_size} rank(s) on {ctx.device}, global batch {cfg.batch_size * ctx.world_size} "
+            f"({cfg.batch_size} per rank), lr {cfg.lr} (gamma {cfg.lr_gamma}/epoch), masking "
+            f"{cfg.pipeline.masking}, MEP levels {['F%d' % v for v in cfg.model.mep_levels] or 'none'}, "
+            f"{cfg.epochs} epoch(s) of {min(n, batches_per_epoch) if n else batches_per_epoch} step(s); "
+            f"the store gives {batches_per_epoch} batch(es) per epoch per rank")
+    if asked_steps is not None and asked_steps > batches_per_epoch:
+        text += f"\nnote: --steps-per-epoch {asked_steps} is more than that: an epoch stops after {batches_per_epoch}"
+    if ctx.device.type == "cpu" and (cfg.input_size >= 256 or cfg.model.encoder != "mit_b0"):
+        text += ("\nnote: this is the full-size configuration on the CPU, tens of seconds per step; "
+                 "for a try use --preset demo (mit_b0, 128x128), for real runs a GPU")
+    return text

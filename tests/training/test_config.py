@@ -113,3 +113,18 @@ def test_default_data_is_built_once_in_the_cache(tmp_path, monkeypatch):
     cases = {c: s.case_attrs(c) for c in s.case_ids}
     with pytest.raises(UserError, match="overlap"):
         check_leakage(cases, digests, allow_overlap=False)
+
+
+def test_start_summary_notes_surprising_settings():
+    import torch
+
+    from tcsmae.distributed import DistContext
+
+    cpu = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    paper = pretrain_cmd.start_summary(preset("paper"), cpu, "s.zarr", 40)
+    assert "mit_b2 at 256x256" in paper and "60 epoch(s) of 40 step(s)" in paper
+    assert "full-size configuration on the CPU" in paper
+    demo = pretrain_cmd.start_summary(preset("demo"), cpu, "s.zarr", 3, asked_steps=None)
+    assert "note" not in demo  # the demo preset's own step cap is not the user's doing
+    asked = pretrain_cmd.start_summary(preset("demo"), cpu, "s.zarr", 3, asked_steps=7)
+    assert "--steps-per-epoch 7 is more than that: an epoch stops after 3" in asked

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 
 import torch
@@ -52,6 +53,22 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     source = SyntheticBatches(2, 64, steps_per_epoch=2, seed=0, rank=rank)
     pos = pretrain(cfg, source, os.path.join(out_dir, "run"), ctx)
     result["history"] = pos.history
+    # 3) a SIGTERM that reaches rank 1 only stops both ranks after the same step, saved
+    from tcsmae.stopping import TrainingStopped
+
+    class SignalRankOne(SyntheticBatches):
+        def __call__(self, epoch, start_step):
+            for i, batch in enumerate(super().__call__(epoch, start_step)):
+                if rank == 1 and start_step + i == 1:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                yield batch
+
+    try:
+        pretrain(replace(cfg, steps_per_epoch=3), SignalRankOne(2, 64, steps_per_epoch=3, seed=0, rank=rank),
+                 os.path.join(out_dir, "stop"), ctx)
+        result["stopped"] = None
+    except TrainingStopped as stopped:
+        result["stopped"] = [stopped.signum, stopped.step]
     shutdown(ctx)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
@@ -91,3 +108,6 @@ def test_two_process_gloo_global_negatives_and_training(tmp_path):
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2  # rank 0 only writes
+    assert ranks[0]["stopped"] == ranks[1]["stopped"] == [signal.SIGTERM, 2]
+    stop_ckpt = torch.load(tmp_path / "stop" / "checkpoints" / "last.pt", weights_only=True)
+    assert stop_ckpt["step"] == 2 and stop_ckpt["data_position"] == {"epoch": 0, "step": 2}

@@ -4,7 +4,9 @@ a resumed run repeats the uninterrupted one step for step, and export loads into
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 from dataclasses import replace
 
 import pytest
@@ -17,6 +19,7 @@ from tcsmae.distributed import DistContext
 from tcsmae.engine import SyntheticBatches, build_training, pretrain
 from tcsmae.errors import UserError
 from tcsmae.model import TCSMAE
+from tcsmae.stopping import TrainingStopped
 
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 LOSS_KEYS = ("loss", "loss_ssim", "loss_con", "temperature")
@@ -54,7 +57,7 @@ def run_cli(*argv) -> int:
                  "--lr", "1e-3", "--checkpoint-every", "3", *map(str, argv)])
 
 
-def test_resume_from_one_epoch_repeats_the_two_epoch_run(phantom_store, tmp_path):
+def test_resume_from_one_epoch_repeats_the_two_epoch_run(phantom_store, tmp_path, capsys):
     """Real loader on phantom slices, through the CLI: 2 epochs straight == 1 epoch + resume."""
     a, b = tmp_path / "a", tmp_path / "b"
     assert run_cli("--data", phantom_store, "--out", a, "--epochs", 2) == 0
@@ -77,6 +80,11 @@ def test_resume_from_one_epoch_repeats_the_two_epoch_run(phantom_store, tmp_path
     for key in ("epoch", "loss_ssim", "loss_con", "temperature", "pairs_per_s"):
         assert key in mb[0]
     assert json.loads((b / "config.json").read_text())["epochs"] == 2
+    capsys.readouterr()
+    assert run_cli("--resume", b / "checkpoints" / "last.pt") == 0  # finished: says how to go on
+    said = capsys.readouterr().out
+    assert "has finished all 2 epochs" in said and "--epochs 12" in said
+    assert [m["step"] for m in metrics(b)] == list(range(1, 9))  # and trained nothing
     assert any((a / "tensorboard").iterdir())
 
     # mid-epoch: crash after the checkpoint at step 6 (epoch 1, batch 2), resume from it
@@ -144,6 +152,68 @@ def test_resume_mid_epoch_continues_the_data_position(tmp_path):
     resumed = pretrain(cfg, source, tmp_path / "b", CPU, resume=ckpt)
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history[2:]]
     assert [m["step"] for m in metrics(tmp_path / "b")] == [1, 2, 3, 4]  # step 3 logged once
+
+
+class Signalled(SyntheticBatches):
+    """Sends `signals` to this process while fetching the batch of step index `at`."""
+
+    at: int = 2
+    signals: tuple = (signal.SIGTERM,)
+
+    def __call__(self, epoch, start_step):
+        for i, batch in enumerate(super().__call__(epoch, start_step)):
+            if epoch == 0 and start_step + i == self.at:
+                for sig in self.signals:
+                    os.kill(os.getpid(), sig)
+            yield batch
+
+
+def test_sigterm_finishes_the_step_saves_it_and_resume_repeats_the_run(tmp_path):
+    cfg = tiny_config(epochs=2, steps_per_epoch=4, checkpoint_every=0)
+    source = SyntheticBatches(4, 64, steps_per_epoch=4, seed=2)
+    straight = pretrain(cfg, source, tmp_path / "a", CPU)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingStopped) as stopped:
+        pretrain(cfg, Signalled(4, 64, steps_per_epoch=4, seed=2), tmp_path / "b", CPU)
+    assert (stopped.value.signum, stopped.value.step) == (signal.SIGTERM, 3)  # step 3 was trained
+    assert signal.getsignal(signal.SIGTERM) is before  # handlers restored
+    ckpt = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
+    assert ckpt["step"] == 3 and ckpt["data_position"] == {"epoch": 0, "step": 3}
+    resumed = pretrain(cfg, source, tmp_path / "b", CPU, resume=ckpt)
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history[3:]]
+    assert [m["step"] for m in metrics(tmp_path / "b")] == list(range(1, 9))
+
+
+def test_a_second_ctrl_c_interrupts_at_once(tmp_path):
+    cfg = tiny_config(epochs=1, steps_per_epoch=4, checkpoint_every=0)
+    twice = Signalled(4, 64, steps_per_epoch=4, seed=2)
+    twice.signals = (signal.SIGINT, signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg, twice, tmp_path, CPU)
+    assert not (tmp_path / "checkpoints" / "last.pt").exists()  # nothing saved mid-step
+
+
+def test_sigterm_through_the_cli_exits_143_with_a_resumable_checkpoint(phantom_store, tmp_path):
+    """A real process on the real loader, stopped by SIGTERM as a scheduler would."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "tcsmae.cli", "pretrain", "--preset", "demo", "--size", "64", "--batch-size", "4",
+           "--workers", "0", "--epochs", "1000", "--checkpoint-every", "0", "--log-every", "1",
+           "--data", str(phantom_store), "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    text = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, text
+    ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert "stopped by SIGTERM after step" in text and "--resume" in text
+    assert ckpt["step"] >= 2 and ckpt["step"] == len(metrics(out))  # no trained step lost
 
 
 def test_checkpoint_is_weights_only_and_export_loads_into_smp(tmp_path):
