@@ -13,6 +13,7 @@ after the same step: the checkpoint's barrier never waits for a rank that went o
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -43,8 +44,10 @@ class GracefulStop:
     def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
+        self._pid = os.getpid()
 
     def __enter__(self) -> "GracefulStop":
+        self._pid = os.getpid()
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -56,6 +59,11 @@ class GracefulStop:
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:  # a forked worker (DALI's readers) inherited the handler
+            if signum == signal.SIGTERM:  # die as before, so that a pool's teardown works
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            return  # Ctrl-C reaches the whole process group: the parent decides
         if signum == signal.SIGINT and self.signum is not None:
             raise KeyboardInterrupt  # second Ctrl-C: now
         self.signum = self.signum or signum
