@@ -320,7 +320,8 @@ class SeriesPlan:
     case_id: str
     description: str  # how the series was identified, for messages
     slices: list[SliceHeader]
-    source_sha256: str  # digest of the source files (order-independent)
+    source_sha256: str  # digest of the source files (order-independent); plus label map and patient id when given
+    dicom_sha256: str = ""  # digest of the DICOM files alone (tells a changed image from changed labels)
     warnings: list[str] = field(default_factory=list)
     labels: str | None = None  # NIfTI label map to align to this series
     patient_id: str | None = None  # override of the patient id
@@ -431,7 +432,8 @@ def plan_series(scans: list[ScanResult]) -> tuple[list[SeriesPlan], list[Refusal
             else:
                 case_id = "dcm-" + _digest(sorted({h.sop_uid or sha_of[h.path] for h in stack}))[:24]
             files = sorted({h.path for h in stack})
-            plan = SeriesPlan(case_id, description, stack, _digest(sorted(sha_of[p] for p in files)))
+            digest = _digest(sorted(sha_of[p] for p in files))
+            plan = SeriesPlan(case_id, description, stack, digest, dicom_sha256=digest)
             if len(ordered) > 1:
                 plan.warnings.append(f"series {key} split by orientation/size into {len(ordered)} stacks; this is stack {index + 1}")
             plans.append(plan)
@@ -788,6 +790,7 @@ def case_attrs(plan: SeriesPlan, volume: SeriesVolume) -> dict:
         "study_uid": first.study_uid,
         "series_uid": first.series_uid,
         "source_sha256": plan.source_sha256,
+        "dicom_sha256": plan.dicom_sha256,
         "warnings": list(volume.warnings),
         "source_format": "dicom",
         "source_files": len({h.path for h in plan.slices}),

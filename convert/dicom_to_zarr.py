@@ -1,8 +1,8 @@
 """`tcsmae convert` / `python convert/dicom_to_zarr.py`: DICOM CT series -> tcsmae Zarr store.
 
     python convert/dicom_to_zarr.py SRC [SRC ...] -o OUT.zarr [--labels SEG.nii.gz]
-        [--workers N] [--strict] [--overwrite] [--case-id ID] [--manifest FILE.csv]
-        [--codec zstd|lz4|none]
+        [--workers N] [--strict] [--overwrite] [--case-id ID] [--patient-id ID]
+        [--manifest FILE.csv] [--codec zstd|lz4|none]
 
 SRC are files or folders, searched recursively. Every CT series found becomes one case
 (HU, (Z, Y, X), sorted along the slice normal); see convert/dicom_series.py for how files
@@ -40,7 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strict", action="store_true", help="fail series with gaps, uneven spacing or gantry tilt instead of warning")
     parser.add_argument("--overwrite", action="store_true", help="rebuild cases already in the store (default: skip unchanged, refuse changed)")
     parser.add_argument("--case-id", metavar="ID", help="case id for the single series in SRC (default: SeriesInstanceUID or a digest)")
-    parser.add_argument("--manifest", metavar="FILE.csv", help="CSV with columns source,labels,case_id,patient_id (one row per DICOM folder)")
+    parser.add_argument("--patient-id", metavar="ID", help="patient id for every series in SRC (default: PatientID; "
+                        "folds split by patient, so set it for anonymised data)")
+    parser.add_argument("--manifest", metavar="FILE.csv", help="CSV with columns source,labels,case_id,patient_id (one row per DICOM folder; "
+                        "NIfTI rows go to `tcsmae convert-nifti --manifest`)")
     parser.add_argument("--codec", choices=("zstd", "lz4", "none"), default="zstd", help="chunk compression (default: %(default)s)")
 
 
@@ -119,7 +122,7 @@ def _scan_plan_convert(args, jobs: list[Job], files_of_job: list[list[Path]], al
         scan_of = {s.path: s for s in scans}
         plans, outcomes = _plan(jobs, files_of_job, scan_of)
         skipped_files = [s for s in scans if s.kind in SKIPPED_BY_DESIGN]
-        with StoreWriter(args.output, codec=args.codec) as writer:
+        with StoreWriter(args.output, codec=args.codec, discard_if_empty=True) as writer:
             if writer.cleaned:
                 print(f"removed leftovers of unfinished cases: {', '.join(writer.cleaned)}", file=sys.stderr)
             todo = []
@@ -133,11 +136,8 @@ def _scan_plan_convert(args, jobs: list[Job], files_of_job: list[list[Path]], al
                 elif existing == plan.source_sha256:
                     outcomes.append(Outcome(plan.case_id, "up to date", len(plan.slices), "source digest unchanged", plan.first_file))
                 else:
-                    outcomes.append(Outcome(
-                        plan.case_id, "failed", 0,
-                        "already in the store from different source files; pass --overwrite to rebuild it",
-                        plan.first_file,
-                    ))
+                    reason = _why_changed(writer.case_attrs(plan.case_id), existing, plan)
+                    outcomes.append(Outcome(plan.case_id, "failed", 0, reason, plan.first_file))
             outcomes.extend(_convert(todo, writer, pool, args))
     return outcomes, skipped_files
 
@@ -148,20 +148,42 @@ def _jobs_from_args(args) -> list[Job]:
     from tcsmae.errors import UserError
 
     jobs: list[Job] = []
+    if args.patient_id is not None and args.manifest:
+        raise UserError("--patient-id applies to the series in SRC, not to manifest rows: give each row its patient "
+                        "in the manifest's patient_id column (and convert SRC in a run of its own)")
+    if args.patient_id is not None and not args.patient_id.strip():
+        raise UserError("--patient-id is blank; give the patient's id (a blank one means 'no patient id')")
     if args.sources:
-        jobs.append(Job([Path(s) for s in args.sources], Path(args.labels) if args.labels else None, args.case_id))
-    elif args.labels or args.case_id:
-        raise UserError("--labels and --case-id apply to the series in SRC; give SRC (or use the manifest's columns)")
+        labels = Path(args.labels) if args.labels else None
+        jobs.append(Job([Path(s) for s in args.sources], labels, args.case_id, args.patient_id))
+        _refuse_nifti(jobs[0], "convert it with `tcsmae convert-nifti FILE.nii.gz -o OUT.zarr`")
+    elif args.labels or args.case_id or args.patient_id is not None:
+        raise UserError("--labels, --case-id and --patient-id apply to the series in SRC; give SRC "
+                        "(or use the manifest's columns)")
     if args.manifest:
         for row in read_manifest(args.manifest):
             if row.case_id is not None:
                 check_case_id(row.case_id)
             jobs.append(Job([row.source], row.labels, row.case_id, row.patient_id, f"{args.manifest} line {row.line}"))
+            _refuse_nifti(jobs[-1], "list NIfTI rows in a manifest of their own for "
+                                    "`tcsmae convert-nifti --manifest FILE.csv -o OUT.zarr`")
     if not jobs:
         raise UserError("nothing to convert: give SRC folders/files or --manifest FILE.csv")
     if args.labels and not Path(args.labels).is_file():
         raise UserError(f"--labels {args.labels} does not exist; give a NIfTI label map (.nii or .nii.gz)")
     return jobs
+
+
+def _refuse_nifti(job: Job, fix: str) -> None:
+    """UserError when the job names a NIfTI file: this converter reads DICOM only (without this
+    check a NIfTI source is skipped as 'not DICOM', or, with labels, reported as 'no series')."""
+    from tcsmae.convert.nifti_to_zarr import NIFTI_SUFFIXES
+    from tcsmae.errors import UserError
+
+    for source in job.sources:
+        if source.name.endswith(NIFTI_SUFFIXES) and not source.is_dir():
+            raise UserError(f"{source} ({job.origin}) is a NIfTI file, and `tcsmae convert` reads DICOM: {fix} "
+                            "(one store may hold both)")
 
 
 class _InlinePool:
@@ -283,6 +305,39 @@ def _with_inputs_digest(dicom_digest: str, job: Job) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
+def _why_changed(stored: dict, stored_digest: str, plan) -> str:
+    """Why a case already in the store differs from this run's plan, and the fix.
+
+    stored: the case's image attributes; stored_digest: its source digest in the index.
+    """
+    stored_dicom = stored.get("dicom_sha256")
+    if stored_dicom is None and stored_digest == plan.dicom_sha256:
+        stored_dicom = plan.dicom_sha256  # written before dicom_sha256 existed, from DICOM files alone
+    if stored_dicom is None:
+        return ("already in the store from other inputs (DICOM files, label map or patient id); pass --overwrite "
+                "to rebuild it from this run's, or --case-id to keep both")
+    if stored_dicom != plan.dicom_sha256:
+        return ("already in the store from different DICOM files; pass --overwrite to replace it, or --case-id "
+                "to keep both")
+    old_labels, new_labels = stored.get("labels_source"), plan.labels
+    changes = []
+    if new_labels and not old_labels:
+        changes.append(f"a label map was added ({new_labels})")
+    elif old_labels and not new_labels:
+        changes.append(f"its label map ({old_labels}) is not given in this run")
+    elif old_labels != new_labels:
+        changes.append(f"its label map changed from {old_labels} to {new_labels}")
+    old_patient = stored.get("patient_id")
+    new_patient = plan.patient_id if plan.patient_id is not None else plan.slices[0].patient_id
+    if new_patient != old_patient:
+        changes.append(f"its patient id changed from {old_patient!r} to {new_patient!r}")
+    if not changes:
+        changes.append(f"the label map {new_labels} changed since, or a patient id override was added or dropped"
+                       if new_labels else "a patient id override was added or dropped")
+    return (f"already in the store from the same DICOM files, but {' and '.join(changes)}; pass --overwrite "
+            "to rebuild it with this run's label map and patient id")
+
+
 def _convert(todo: list, writer, pool, args) -> list[Outcome]:
     from tqdm import tqdm
 
@@ -358,6 +413,7 @@ def _print_summary(outcomes: list[Outcome], skipped_files: list, output, seconds
         f"{output}: {counts['converted']} converted ({n_slices} slices, {rate:.1f} slices/s), "
         f"{counts['up to date']} up to date, {counts['skipped']} skipped, {counts['failed']} failed, "
         f"{len(skipped_files)} file(s) skipped by design; {seconds:.1f} s"
+        + ("" if Path(output).exists() else f"; {output} not created: nothing converted")
     )
 
 

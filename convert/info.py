@@ -150,7 +150,8 @@ def run(args) -> int:
     rows = describe(store)
     checks: dict[str, CaseCheck] = {}
     if args.verify:
-        for i, cid in enumerate(tqdm(store.case_ids, desc="verify", unit="case", disable=len(store.case_ids) < 2)):
+        no_bar = True if len(store.case_ids) < 2 else None  # None: no bar in logs (not a TTY), as `tcsmae convert`
+        for i, cid in enumerate(tqdm(store.case_ids, desc="verify", unit="case", disable=no_bar)):
             checks[cid] = verify_case(store, i)
 
     width = max([len("case")] + [len(r["case_id"]) for r in rows])

@@ -273,8 +273,9 @@ def convert_sources(sources: list[NiftiSource], out: Path, codec: str = "zstd", 
 
     result: dict[str, list] = {"converted": [], "skipped": [], "failed": []}
     seen: dict[str, Path] = {}
-    with StoreWriter(out, codec=codec) as writer:
-        for src in tqdm(sources, desc="convert-nifti", unit="case", disable=not progress):
+    no_bar = None if progress else True  # None: a bar on a terminal only, none in logs (as `tcsmae convert`)
+    with StoreWriter(out, codec=codec, discard_if_empty=True) as writer:
+        for src in tqdm(sources, desc="convert-nifti", unit="case", disable=no_bar):
             if src.case_id in seen:
                 result["failed"].append((src.case_id, f"{src.image}: case id also used by {seen[src.case_id]}; "
                                                       "give distinct --case-id / manifest case_id"))
@@ -345,8 +346,9 @@ def run(args) -> int:
     for cid, why in result["failed"]:
         print(f"{cid:<30} FAILED: {why}")
     n_ok = len(result["converted"]) + len(result["skipped"])
+    not_created = "" if args.out.exists() else " (not created: nothing converted)"
     print(f"{len(result['converted'])} converted, {len(result['skipped'])} up to date, "
-          f"{len(result['failed'])} failed -> {args.out}")
+          f"{len(result['failed'])} failed -> {args.out}{not_created}")
     if not result["failed"]:
         return 0
     return 3 if n_ok else 1

@@ -393,13 +393,19 @@ class StoreWriter:
 
     Opening creates the store if needed, refuses a second concurrent writer, and deletes the
     arrays of cases that a crashed run left unlisted in the index.
+
+    discard_if_empty: on closing, delete the store again when this writer created it and no
+    case was committed (a conversion that converted nothing leaves no empty store behind);
+    a folder that existed before is never deleted.
     """
 
-    def __init__(self, path: str | os.PathLike, codec: str = "zstd"):
+    def __init__(self, path: str | os.PathLike, codec: str = "zstd", discard_if_empty: bool = False):
         self.path = Path(path)
         self.codec = codec
+        self.discard_if_empty = discard_if_empty
         _compressors(codec)  # validate early
         self._lock = None
+        self._created = False
         self.cleaned: list[str] = []
 
     def __enter__(self) -> "StoreWriter":
@@ -410,6 +416,7 @@ class StoreWriter:
             raise UserError(f"output {self.path} exists and is not a folder; choose another -o")
         if self.path.exists() and any(self.path.iterdir()):
             _check_group(self.path)
+        self._created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(self.path / LOCK_FILE))
         try:
@@ -434,14 +441,20 @@ class StoreWriter:
                 _write_index(self.path, self._index)
             self._clean_leftovers()
         except BaseException:
-            lock.release()
+            self._close(committed=False)
             raise
         return self
 
     def __exit__(self, *exc) -> None:
         if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+            self._close(committed=bool(self.case_ids))
+
+    def _close(self, committed: bool) -> None:
+        if self.discard_if_empty and self._created and not committed:
+            # removed while the lock is held, so no other writer sees it half gone
+            shutil.rmtree(self.path, ignore_errors=True)
+        self._lock.release()
+        self._lock = None
 
     # -- queries
     @property
@@ -451,6 +464,10 @@ class StoreWriter:
     def source_sha256(self, case_id: str) -> str | None:
         ids = self.case_ids
         return str(self._index["case_sha256"][ids.index(case_id)]) if case_id in ids else None
+
+    def case_attrs(self, case_id: str) -> dict:
+        """The image attributes of a committed case (as CTStore.case_attrs)."""
+        return open_store(self.path).case_attrs(case_id)
 
     # -- changes
     def _clean_leftovers(self) -> None:

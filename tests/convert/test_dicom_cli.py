@@ -75,6 +75,7 @@ def test_changed_source_is_refused_without_overwrite(tmp_path, convert):
     ds.save_as(paths[0], enforce_file_format=True)
     code, out = convert(tmp_path / "s", "-o", tmp_path / "o.zarr")
     assert code == 1 and "--overwrite" in out, out
+    assert "from different DICOM files" in out and "label map" not in out
     code, out = convert(tmp_path / "s", "-o", tmp_path / "o.zarr", "--overwrite")
     assert code == 0, out
     store = open_store(tmp_path / "o.zarr")
@@ -94,6 +95,21 @@ def test_exit_codes_3_partial_and_1_nothing(tmp_path, convert, two_series):
     (tmp_path / "junk" / "x.txt").write_text("hello")
     code, out = convert(tmp_path / "junk", "-o", tmp_path / "j.zarr")
     assert code == 1 and "1 file(s): not a DICOM file" in out
+
+
+def test_nothing_converted_leaves_no_new_store_but_keeps_existing_ones(tmp_path, convert, two_series):
+    root, a, _ = two_series
+    bad = ct_series(n=2, seed=9)  # too few slices: refused
+    write_series(bad.datasets, tmp_path / "bad")
+    code, out = convert(tmp_path / "bad", "-o", tmp_path / "new.zarr")
+    assert code == 1 and "new.zarr not created: nothing converted" in out, out
+    assert not (tmp_path / "new.zarr").exists()
+    (tmp_path / "empty.zarr").mkdir()  # a folder the user made: never deleted
+    assert convert(tmp_path / "bad", "-o", tmp_path / "empty.zarr")[0] == 1
+    assert (tmp_path / "empty.zarr").is_dir()
+    assert convert(root / "a", "-o", tmp_path / "kept.zarr")[0] == 0
+    assert convert(tmp_path / "bad", "-o", tmp_path / "kept.zarr")[0] == 1
+    assert open_store(tmp_path / "kept.zarr").case_ids == [uid(a)]
 
 
 def test_exit_2_usage_errors(tmp_path, convert, two_series, capsys):
@@ -126,6 +142,66 @@ def test_case_id_override(tmp_path, convert, two_series):
     store = open_store(tmp_path / "c.zarr")
     assert store.case_ids == ["patient7_ct"]
     assert store.case_attrs("patient7_ct")["series_uid"] == uid(a)
+
+
+def test_patient_id_for_every_series_in_src(tmp_path, convert, two_series):
+    root, a, b = two_series
+    code, out = convert(root, "-o", tmp_path / "p.zarr", "--patient-id", "P-3")
+    assert code == 0, out
+    store = open_store(tmp_path / "p.zarr")
+    assert [store.case_attrs(c)["patient_id"] for c in store.case_ids] == ["P-3", "P-3"]  # the DICOM says PAT-1
+    code, out = convert(root / "a", "-o", tmp_path / "p.zarr", "--patient-id", "P-4")
+    assert code == 1 and "same DICOM files, but its patient id changed from 'P-3' to 'P-4'" in out, out
+    assert convert(root / "a", "-o", tmp_path / "p.zarr", "--patient-id", "P-4", "--overwrite")[0] == 0
+    assert open_store(tmp_path / "p.zarr").case_attrs(uid(a))["patient_id"] == "P-4"
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"source,patient_id\n{root / 'b'},P-5\n")
+    code, out = convert("--manifest", manifest, "-o", tmp_path / "u.zarr", "--patient-id", "P-6")
+    assert code == 2 and "patient_id column" in out, out
+    code, out = convert(root / "a", "--manifest", manifest, "-o", tmp_path / "u.zarr", "--patient-id", "P-6")
+    assert code == 2 and "patient_id column" in out, out
+    code, out = convert(root / "a", "-o", tmp_path / "u.zarr", "--patient-id", " ")
+    assert code == 2 and "--patient-id is blank" in out, out
+    assert not (tmp_path / "u.zarr").exists()
+
+
+def test_nifti_sources_point_to_convert_nifti(tmp_path, convert, two_series):
+    root, a, _ = two_series
+    volume = tmp_path / "ct-small.nii.gz"
+    write_nifti_labels(np.zeros((4, 4, 3), np.uint8), np.eye(4), volume)  # any NIfTI file
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(f"source,labels\n{root / 'a'},\n{volume},{volume}\n")
+    code, out = convert("--manifest", manifest, "-o", tmp_path / "n.zarr")
+    assert code == 2 and f"{volume} ({manifest} line 3) is a NIfTI file" in out, out
+    assert "tcsmae convert-nifti --manifest" in out and "exactly one image series" not in out
+    code, out = convert(volume, "-o", tmp_path / "n.zarr")
+    assert code == 2 and "tcsmae convert-nifti FILE.nii.gz" in out, out
+    assert not (tmp_path / "n.zarr").exists()
+
+
+@pytest.mark.parametrize("stored, stored_digest, plan, says", [
+    ({"dicom_sha256": "d1"}, "x", dict(dicom_sha256="d2"), "from different DICOM files"),
+    ({"dicom_sha256": "d1", "patient_id": "PAT-1"}, "x", dict(labels="seg.nii.gz"),
+     "but a label map was added (seg.nii.gz)"),
+    ({"dicom_sha256": "d1", "patient_id": "PAT-1", "labels_source": "seg.nii.gz"}, "x", dict(),
+     "but its label map (seg.nii.gz) is not given in this run"),
+    ({"dicom_sha256": "d1", "patient_id": "PAT-1", "labels_source": "a.nii.gz"}, "x", dict(labels="b.nii.gz"),
+     "but its label map changed from a.nii.gz to b.nii.gz"),
+    ({"dicom_sha256": "d1", "patient_id": "PAT-1", "labels_source": "a.nii.gz"}, "x", dict(labels="a.nii.gz"),
+     "but the label map a.nii.gz changed since"),
+    ({"patient_id": "PAT-1"}, "d1", dict(labels="seg.nii.gz"), "but a label map was added"),  # before dicom_sha256
+    ({"patient_id": "PAT-1"}, "x", dict(labels="seg.nii.gz"), "from other inputs (DICOM files, label map or patient id)"),
+])
+def test_refusal_of_a_changed_case_names_what_changed(stored, stored_digest, plan, says):
+    from types import SimpleNamespace
+
+    from tcsmae.convert.dicom_to_zarr import _why_changed
+
+    plan = SimpleNamespace(**{"dicom_sha256": "d1", "labels": None, "patient_id": None,
+                              "slices": [SimpleNamespace(patient_id="PAT-1")], **plan})
+    reason = _why_changed(stored, stored_digest, plan)
+    assert says in reason and "--overwrite" in reason, reason
 
 
 def test_case_id_without_series_uid_is_a_stable_digest(tmp_path, convert):
@@ -292,6 +368,7 @@ def test_worker_process_killed_after_writing_arrays(tmp_path, convert, two_serie
     import tcsmae.convert.dicom_to_zarr as d2z
 
     monkeypatch.setattr(d2z, "_fork_safe", lambda: True)
+    (tmp_path / "k.zarr").mkdir()  # an existing folder: kept even when nothing gets committed
     code, out = convert(root, "-o", tmp_path / "k.zarr", workers=2)
     monkeypatch.undo()
     assert code in (1, 3), out  # 3 when the other worker's case was committed before the death

@@ -119,7 +119,7 @@ def test_label_map_on_another_grid_fails(shared_data, tmp_path):
     rc = cli(["convert-nifti", str(shared_data / "totalseg-ct-small.nii.gz"), "--labels", str(bad), "-o", str(out),
               "--no-progress"])
     assert rc == 1
-    assert open_store(out).case_ids == []
+    assert not out.exists()  # nothing converted: no new empty store
 
 
 def _write(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
@@ -207,6 +207,29 @@ def test_manifest_converts_each_row_with_its_patient(tmp_path):
     assert store.case_ids == ["case-a", "b"]
     assert store.has_labels("case-a") and not store.has_labels("b")
     assert [store.case_attrs(c)["patient_id"] for c in store.case_ids] == ["P1", "P2"]
+
+
+def test_progress_bar_on_a_terminal_only_and_no_empty_store(tmp_path, capsys, monkeypatch):
+    import io
+
+    _write(tmp_path / "vol.nii.gz", np.zeros((4, 4, 3), np.int16), np.eye(4))
+    assert cli(["convert-nifti", str(tmp_path / "vol.nii.gz"), "-o", str(tmp_path / "a.zarr")]) == 0
+    assert "convert-nifti:" not in capsys.readouterr().err  # stderr is not a TTY here: no bar in the log
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert cli(["convert-nifti", str(tmp_path / "vol.nii.gz"), "-o", str(tmp_path / "b.zarr")]) == 0
+    assert "convert-nifti:" in terminal.getvalue()
+    monkeypatch.undo()
+
+    (tmp_path / "junk.nii.gz").write_bytes(b"not a nifti")
+    assert cli(["convert-nifti", str(tmp_path / "junk.nii.gz"), "-o", str(tmp_path / "c.zarr")]) == 1
+    assert "not created: nothing converted" in capsys.readouterr().out
+    assert not (tmp_path / "c.zarr").exists()
 
 
 def test_usage_errors(tmp_path):

@@ -83,6 +83,21 @@ def test_uncommitted_case_invisible_then_cleaned(tmp_path):
     assert open_store(path).case_ids == ["a"]
 
 
+def test_discard_if_empty_removes_only_a_new_store_without_cases(tmp_path):
+    with StoreWriter(tmp_path / "new.zarr", discard_if_empty=True):
+        pass
+    assert not (tmp_path / "new.zarr").exists()
+    with StoreWriter(tmp_path / "plain.zarr"):  # default: an empty store is kept
+        pass
+    assert open_store(tmp_path / "plain.zarr").case_ids == []
+    with StoreWriter(tmp_path / "plain.zarr", discard_if_empty=True):  # existed before
+        pass
+    assert (tmp_path / "plain.zarr").is_dir()
+    with StoreWriter(tmp_path / "used.zarr", discard_if_empty=True) as w:
+        w.write_case("a", _hu(), {"source_sha256": "x"})
+    assert open_store(tmp_path / "used.zarr").case_ids == ["a"]
+
+
 def test_second_writer_refused(tmp_path):
     path = tmp_path / "s.zarr"
     with StoreWriter(path):
