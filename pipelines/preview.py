@@ -28,20 +28,22 @@ COLUMNS = ("lung", "mediastinal", "edge", "mask", "masked")
 
 def add_arguments(parser) -> None:
     parser.add_argument("--data", required=True, help="store (.zarr) written by `tcsmae convert`")
-    parser.add_argument("--n", type=int, default=8, help="number of slices (rows)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the shuffle and masks")
-    parser.add_argument("--size", type=int, default=256, help="output side; 0 = stored grid")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--masking", choices=["tissue", "patch", "none"], default="tissue")
-    parser.add_argument("--rho", type=float, default=0.75, help="tissue masking ratio")
-    parser.add_argument("--out", default="preview.png", help="grid image (PNG)")
-    parser.add_argument("--npz", default=None, help="also save the batch as NPZ")
+    parser.add_argument("--n", type=int, default=8, help="number of slices (rows); default 8")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the shuffle and masks; default 0")
+    parser.add_argument("--size", type=int, default=256, help="output side; 0 = stored grid; default 256")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="default cpu")
+    parser.add_argument("--masking", choices=["tissue", "patch", "none"], default="tissue",
+                        help="default tissue (TCS-MAE); patch = the MAE baseline")
+    parser.add_argument("--rho", type=float, default=0.75, help="tissue masking ratio; default 0.75")
+    parser.add_argument("--out", default="preview.png", help="grid image (PNG); default preview.png")
+    parser.add_argument("--npz", default=None, help="also save the batch as NPZ: hu (N,H,W) HU, original and masked (N,3,H,W), mask (N,H,W), case_index, z")
 
 
 def preview_batch(store_path, cfg, n: int, device: str = "cpu") -> dict:
     """First batch of epoch 0 as NumPy: dict of per-sample lists (shapes may differ at size 0).
 
-    Keys: hu (H, W), original (3, H, W), masked (3, H, W), mask (H, W), case_index, z.
+    Keys: hu (H, W), original (3, H, W), masked (3, H, W), mask (H, W), case_index, z,
+    case_id (the store's case id, str).
     """
     from .kernels import split_packed
     from .loader import build_pipeline
@@ -62,7 +64,8 @@ def preview_batch(store_path, cfg, n: int, device: str = "cpu") -> dict:
     return {"original": [p["original"][0] for p in parts],
             "masked": [p["masked"][0] for p in parts],
             "mask": [p["mask"][0, 0] for p in parts], "hu": [p["hu"][0, 0] for p in parts],
-            "case_index": [int(c[0]) for c in case], "z": [int(v[0]) for v in z]}
+            "case_index": [int(c[0]) for c in case], "z": [int(v[0]) for v in z],
+            "case_id": [source.store.case_ids[int(c[0])] for c in case]}
 
 
 def draw_grid(batch: dict, path: Path, title: str) -> None:
@@ -85,7 +88,7 @@ def draw_grid(batch: dict, path: Path, title: str) -> None:
             ax.set_yticks([])
             if i == 0:
                 ax.set_title(COLUMNS[j], fontsize=9)
-        axes[i, 0].set_ylabel(f"case {batch['case_index'][i]} z {batch['z'][i]}", fontsize=8)
+        axes[i, 0].set_ylabel(f"{batch['case_id'][i]}\nz {batch['z'][i]}", fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     save_figure(fig, path, dpi=80)

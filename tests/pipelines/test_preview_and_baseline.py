@@ -49,6 +49,16 @@ def test_preview_resized_png(tiny_store, tmp_path):
     assert np.load(npz)["original"].shape == (3, 3, 32, 32)
 
 
+def test_preview_rows_name_the_store_case(tiny_store):
+    from tcsmae.convert.store import open_store
+    from tcsmae.pipelines.preview import preview_batch
+
+    path, _ = tiny_store
+    batch = preview_batch(path, PipelineConfig(size=32, seed=1), 4)
+    ids = open_store(path).case_ids
+    assert batch["case_id"] == [ids[i] for i in batch["case_index"]] and set(batch["case_id"]) <= set(ids)
+
+
 def test_preview_user_errors(tmp_path, capsys):
     assert main(["preview", "--data", str(tmp_path / "nope.zarr")]) == 2
     assert "does not exist" in capsys.readouterr().err
