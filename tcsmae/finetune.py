@@ -33,7 +33,8 @@ results.json:
     folds      [{"fold": k, "evaluated_epoch": e,
                  "classes": {name: {"dsc", "hd95_mm", "n_undefined": {"dsc", "hd95_mm"}, "n_cases"}},
                  "groups": {...same...}}]      a fold's figure = mean over its validation cases
-    mean, std  same shape, over folds (population std); n_undefined and n_cases are totals
+    mean, std  same shape, over folds (population std; null when fewer than 2 folds have a
+               defined value); n_undefined and n_cases are totals
     cases      {case_id: {"fold": k, "classes": {name: {"dsc", "hd95_mm"}}, "groups": ...}}
                (per-case values: the pairs of `tcsmae report`'s Wilcoxon test)
     config     asdict(FinetuneConfig); label_map; weights (weights.json, or {"init": "scratch"})
@@ -57,6 +58,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tcsmae.device import resolve_device
 from tcsmae.errors import UserError
 from tcsmae.finetune_config import (EVALUATE, FinetuneConfig, build_model, pipeline_from_metadata,
                                     resolve_encoder, weights_metadata)
@@ -69,6 +71,25 @@ __all__ = ["HELP", "FinetuneConfig", "build_model", "export_finetuned", "finetun
            "collect_results", "plot_val_dsc", "add_arguments", "run"]
 
 HELP = "fine-tune a U-Net from pretrained weights (or scratch) with patient-grouped K-fold CV, DSC and HD95"
+
+
+def start_summary(cfg: FinetuneConfig, encoder: str, device, folds: list, chosen, slices: dict[str, int]) -> str:
+    """What the run will do, printed once at the start: settings, then each chosen fold's data.
+
+    folds: tcsmae.folds Fold entries (train, val case ids); slices: case id -> slice count.
+    """
+    start = "scratch (random weights)" if cfg.init == "scratch" else cfg.init
+    which = "all" if cfg.fold is None else f"only fold {cfg.fold}"
+    lines = [f"fine-tuning {encoder} from {start} on {device}: {cfg.folds} fold(s) ({which}), "
+             f"{cfg.epochs} epochs, lr {cfg.lr:g}, batch {cfg.batch_size}, size {cfg.size}, "
+             f"{sum(len(f.val) for f in folds)} labelled cases"]
+    for k in chosen:
+        train = sum(slices[c] for c in folds[k].train)
+        val = sum(slices[c] for c in folds[k].val)
+        lines.append(f"  fold {k}: train {len(folds[k].train)} case(s) ({train} slices, "
+                     f"{train // cfg.batch_size} batches per epoch), validation {len(folds[k].val)} case(s) "
+                     f"({val} slices)")
+    return "\n".join(lines)
 
 
 def finetune(data: str | Path, out: str | Path, cfg: FinetuneConfig) -> dict:
@@ -103,6 +124,9 @@ def finetune(data: str | Path, out: str | Path, cfg: FinetuneConfig) -> dict:
     folds, messages = make_folds(labelled, [attrs[c].get("patient_id", "") for c in labelled], cfg.folds, cfg.seed)
     write_folds(out_dir, folds, cfg.folds, cfg.seed, messages)
     chosen = range(cfg.folds) if cfg.fold is None else [cfg.fold]
+    per_case = np.bincount(store.slice_case, minlength=len(store.case_ids))
+    slices = {c: int(per_case[i]) for i, c in enumerate(store.case_ids)}
+    print(start_summary(cfg, encoder, resolve_device(cfg.device), folds, chosen, slices))
     for k in chosen:
         run_fold(store, data, cfg, k, folds[k].train, folds[k].val, label_map, encoder, meta, out_dir)
         results = collect_results(out_dir, cfg, label_map, meta)

@@ -11,6 +11,7 @@ channel 0 = background) for C classes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -121,6 +122,18 @@ def weights_metadata(init: str) -> dict:
         return json.loads(meta_path.read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"{meta_path}: not valid JSON ({exc}); re-run `tcsmae export`") from None
+
+
+def init_identity(init: str) -> str:
+    """'scratch', or 'sha256:<hex>' of the weights file: the same weights under another path
+    (relative or absolute, a copy) are the same start, so a run resumes from them."""
+    if init == "scratch":
+        return init
+    digest = hashlib.sha256()
+    with open(init, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
 
 
 def pipeline_from_metadata(meta: dict, size: int) -> PipelineConfig:

@@ -6,8 +6,9 @@ restricted to the fold's training cases; the loss is cross-entropy (BCE for one 
 Dice (smp.losses). After every epoch it validates (tcsmae.finetune_validation), writes
 fold_K/last.pt, best.pt and history.json, and redraws DIR/val_dsc.png. A fold resumes from
 fold_K/last.pt and a finished one (fold_K/scores.json) is not trained again, as long as the
-settings that matter (`_run_key`) are the same. At the end the `--evaluate` checkpoint is
-scored and exported (fold_K/finetuned.pt/.json, fold_K/scores.json).
+settings that matter (`_run_key`: the encoder as resolved, the init weights by content) are
+the same. At the end the `--evaluate` checkpoint is scored and exported
+(fold_K/finetuned.pt/.json, fold_K/scores.json).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from tcsmae.device import resolve_device
 from tcsmae.errors import UserError
-from tcsmae.finetune_config import FinetuneConfig, build_model, jsonable
+from tcsmae.finetune_config import FinetuneConfig, build_model, init_identity, jsonable
 from tcsmae.finetune_outputs import export_finetuned, plot_val_dsc
 from tcsmae.finetune_validation import Validator
 
@@ -74,6 +75,12 @@ class TrainingBatches:
                            num_threads=2, py_workers=self.cfg.workers, device_id=device_id,
                            case_ids=self.case_ids)
 
+    def __len__(self) -> int:
+        """Batches per epoch (the last, partial batch is dropped)."""
+        if self._loader is None:
+            self._loader = self._make_loader(0)
+        return len(self._loader)
+
     def __call__(self, epoch: int):
         import torch
 
@@ -89,21 +96,31 @@ class TrainingBatches:
             yield {"original": batch["original"].float(), "target": table[label]}
 
 
-def _checkpoint(model, optimizer, epoch, history, best_dsc, cfg, fold, encoder, out_channels) -> dict:
+def _checkpoint(model, optimizer, epoch, history, best_dsc, cfg, fold, encoder, out_channels, run_key) -> dict:
     from tcsmae.checkpoint import capture_rng_state
 
     return {"format": FORMAT, "version": VERSION, "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history,
-            "best_dsc": best_dsc, "config": jsonable(asdict(cfg)), "run_key": _run_key(cfg), "fold": fold,
+            "best_dsc": best_dsc, "config": jsonable(asdict(cfg)), "run_key": run_key, "fold": fold,
             "encoder": encoder, "out_channels": out_channels, "rng": capture_rng_state()}
 
 
-def _run_key(cfg: FinetuneConfig) -> dict:
-    """The settings a finished or interrupted fold must share to be reused or resumed."""
+def _config_key(cfg: FinetuneConfig) -> dict:
+    """The configuration without what may change between runs of a fold (the key of
+    checkpoints written before `_run_key` resolved the encoder and the init weights)."""
     key = jsonable(asdict(cfg))
     for volatile in ("fold", "device", "workers", "epochs", "precision"):  # more epochs = continue training
         key.pop(volatile)
     return key
+
+
+def _run_key(cfg: FinetuneConfig, encoder: str, init_id: str) -> dict:
+    """The settings a finished or interrupted fold must share to be reused or resumed.
+
+    encoder: as resolved (--encoder equal to weights.json's, or left out, is the same run);
+    init_id: `init_identity(cfg.init)`, so the same weights under another path are the same.
+    """
+    return {**_config_key(cfg), "encoder": encoder, "init": init_id}
 
 
 def _key_changes(old: dict, new: dict, prefix: str = "") -> str:
@@ -130,10 +147,12 @@ def run_fold(store, store_path, cfg: FinetuneConfig, fold_index: int, train_ids,
 
     fold_dir = out_dir / f"fold_{fold_index}"
     fold_dir.mkdir(parents=True, exist_ok=True)
+    run_key = _run_key(cfg, encoder, init_identity(cfg.init))
+    same_run = (run_key, _config_key(cfg))  # the second: a checkpoint written by an older tcsmae
     scores_path = fold_dir / "scores.json"
     if scores_path.is_file():
         done = json.loads(scores_path.read_text())
-        if done.get("run_key") == _run_key(cfg) and len(done.get("history", [])) >= cfg.epochs:
+        if done.get("run_key") in same_run and len(done.get("history", [])) >= cfg.epochs:
             print(f"fold {fold_index}: already done ({scores_path})")
             return done
     device = resolve_device(cfg.device)
@@ -147,8 +166,9 @@ def run_fold(store, store_path, cfg: FinetuneConfig, fold_index: int, train_ids,
     last_path, best_path = fold_dir / "last.pt", fold_dir / "best.pt"
     if last_path.is_file():
         ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
-        if ckpt.get("run_key") != _run_key(cfg):
-            raise UserError(f"{last_path} was written with other settings ({_key_changes(ckpt.get('run_key') or {}, _run_key(cfg))}); "
+        if ckpt.get("run_key") not in same_run:
+            changes = min((_key_changes(ckpt.get("run_key") or {}, k) for k in same_run), key=lambda c: c.count(" -> "))
+            raise UserError(f"{last_path} was written with other settings ({changes}); "
                             "re-run with the same options to resume it, or choose a new --out")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -163,7 +183,7 @@ def run_fold(store, store_path, cfg: FinetuneConfig, fold_index: int, train_ids,
         model.train()
         total, steps = 0.0, 0
         bar = tqdm(batches(epoch), desc=f"fold {fold_index} epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-                   leave=False)
+                   total=len(batches), leave=False)
         for batch in bar:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = model(batch["original"])
@@ -189,11 +209,11 @@ def run_fold(store, store_path, cfg: FinetuneConfig, fold_index: int, train_ids,
         history.append({"epoch": epoch + 1, "train_loss": total / steps, "val_dsc": val_dsc,
                         "val_dsc_cases": per_case})
         print(f"fold {fold_index} epoch {epoch + 1}: loss {total / steps:.4f}, validation DSC "
-              f"{'n/a' if val_dsc is None else f'{val_dsc:.4f}'}")
+              f"{'n/a' if val_dsc is None else f'{100 * val_dsc:.2f}%'}")
         improved = val_dsc is not None and val_dsc > best_dsc
         best_dsc = val_dsc if improved else best_dsc
         ckpt = _checkpoint(model, optimizer, epoch + 1, history, best_dsc, cfg, fold_index, encoder,
-                           label_map.out_channels)
+                           label_map.out_channels, run_key)
         if improved or not best_path.is_file():
             save_checkpoint(best_path, ckpt)
         save_checkpoint(last_path, ckpt)
@@ -208,7 +228,7 @@ def run_fold(store, store_path, cfg: FinetuneConfig, fold_index: int, train_ids,
     doc = {"fold": fold_index, "evaluated": cfg.evaluate, "evaluated_epoch": int(evaluated["epoch"]),
            "train_cases": list(train_ids), "val_cases": list(val_ids), "cases": cases,
            "summary": fold_summary(list(cases.values())), "history": history,
-           "config": jsonable(asdict(cfg)), "run_key": _run_key(cfg)}
+           "config": jsonable(asdict(cfg)), "run_key": run_key}
     export_finetuned(model, fold_dir / "finetuned.pt", encoder, label_map, cfg, meta, fold_index,
                      int(evaluated["epoch"]))
     write_json_atomic(scores_path, doc)

@@ -151,11 +151,15 @@ def summarise(values: list[float | None]) -> tuple[float | None, int]:
 
 
 def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
-    """Mean and population standard deviation of the defined values (None when none are)."""
+    """Mean and population standard deviation of the defined values.
+
+    The mean is None when no value is defined, the std when fewer than 2 are (the spread of
+    one value is unknown, not 0).
+    """
     defined = np.array([v for v in values if v is not None], dtype=np.float64)
     if defined.size == 0:
         return None, None
-    return float(defined.mean()), float(defined.std())
+    return float(defined.mean()), (float(defined.std()) if defined.size >= 2 else None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -195,7 +199,8 @@ def over_folds(folds: list[dict]) -> tuple[dict, dict]:
     """Mean and standard deviation (population, ddof 0) over folds of the fold means.
 
     folds: fold_summary() dicts. Both results have the fold shape; their `n_undefined`
-    and `n_cases` are totals over folds. A fold whose mean is None is left out.
+    and `n_cases` are totals over folds. A fold whose mean is None is left out; the std is
+    None when fewer than 2 folds have a defined mean.
     """
     mean: dict[str, dict] = {"classes": {}, "groups": {}}
     std: dict[str, dict] = {"classes": {}, "groups": {}}

@@ -2,7 +2,11 @@
 
 Each DIR is a `tcsmae finetune --out` folder holding results.json. Rows are runs (the
 folder name, or `--names`), columns are the label map's groups (Table III) or classes
-(`--by classes`); each cell is mean +- std over folds of DSC (%) and HD95 (mm).
+(`--by classes`); each cell is mean +- std over folds of DSC (%) and HD95 (mm). Only folds
+where the value is defined count: a cell says "(k fold)" when fewer than the run's folds
+contributed, and has no +- std when fewer than 2 did. A run fine-tuned with
+`--allow-overlap` (its cases may have been seen in pretraining) is marked with a dagger and a
+footnote.
 
 A second table gives paired tests of every run against the first: the Wilcoxon
 signed-rank test (scipy.stats.wilcoxon, two-sided) over the cases both runs scored, per
@@ -28,6 +32,9 @@ CHEST11_NOTE = (
     "today's TotalSegmentator (v2) labels have one `heart` label instead of four chambers and "
     "no pulmonary artery, so `heart` is one class and `tubular` holds only esophagus and "
     "trachea. Compare with Table III with that in mind.")
+OVERLAP_MARK = "†"
+OVERLAP_NOTE = (f"{OVERLAP_MARK} fine-tuned with --allow-overlap: some of its cases may have been "
+                "seen in pretraining, so its figures can be optimistic.")
 PAPER_GROUPS = {"tubular", "left lung", "right lung", "heart", "bones"}
 METRICS = (("dsc", "DSC (%)", 100.0), ("hd95_mm", "HD95 (mm)", 1.0))
 
@@ -66,10 +73,29 @@ def load_run(directory: str | Path, name: str | None = None) -> Run:
     return Run(name=name or path.parent.name, path=path, results=results)
 
 
-def _cell(mean: float | None, std: float | None, scale: float) -> str:
+def _folds_text(n: int) -> str:
+    return f"{n} fold{'s' if n != 1 else ''}"
+
+
+def _cell(mean: float | None, std: float | None, scale: float, n_defined: int, n_folds: int) -> str:
+    """'81.00 ± 2.00', '81.00 (1 fold)' or 'n/a'.
+
+    n_defined: folds whose value is defined (the mean is over those); n_folds: the run's
+    folds. No std with fewer than 2 defined values (older results.json hold 0.0 there).
+    """
     if mean is None:
         return "n/a"
-    return f"{mean * scale:.2f} ± {(std or 0.0) * scale:.2f}"
+    text = f"{mean * scale:.2f}"
+    if std is not None and n_defined >= 2:
+        text += f" ± {std * scale:.2f}"
+    if n_defined != n_folds:
+        text += f" ({_folds_text(n_defined)})"
+    return text
+
+
+def defined_folds(run: Run, by: str, column: str, metric: str) -> int:
+    """How many of the run's folds have a defined value of `metric` in `column`."""
+    return sum(1 for f in run.results["folds"] if (f.get(by, {}).get(column) or {}).get(metric) is not None)
 
 
 def columns_of(runs: list[Run], by: str) -> list[str]:
@@ -109,6 +135,11 @@ def paired_wilcoxon(a: dict, b: dict, kind: str, column: str, metric: str) -> tu
     return float(wilcoxon([x for x, _ in pairs], [y for _, y in pairs]).pvalue), n
 
 
+def _overlap(run: Run) -> bool:
+    """Fine-tuned with --allow-overlap (results.json `config.allow_overlap`)."""
+    return bool((run.results.get("config") or {}).get("allow_overlap"))
+
+
 def format_report(runs: list[Run], by: str = "groups") -> str:
     """The Markdown report: results table, paired-test table, notes."""
     if not runs:
@@ -121,18 +152,21 @@ def format_report(runs: list[Run], by: str = "groups") -> str:
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     undefined = []
+    partial = False
     for run in runs:
         cells = [run.name]
         n_folds = len(run.results["folds"])
         for c in cols:
             m, s = run.results["mean"][by][c], run.results["std"][by][c]
             for key, _, scale in METRICS:
-                cells.append(_cell(m.get(key), s.get(key), scale))
+                n_defined = defined_folds(run, by, c, key)
+                partial |= m.get(key) is not None and n_defined != n_folds
+                cells.append(_cell(m.get(key), s.get(key), scale, n_defined, n_folds))
             counts = m.get("n_undefined") or {}
             if isinstance(counts, dict) and any(counts.values()):
                 undefined.append(f"{run.name} / {c}: undefined " + ", ".join(
                     f"{k} in {v} case(s)" for k, v in counts.items() if v))
-        cells[0] = f"{run.name} ({n_folds} fold{'s' if n_folds != 1 else ''})"
+        cells[0] = f"{run.name} ({_folds_text(n_folds)})" + (f" {OVERLAP_MARK}" if _overlap(run) else "")
         lines.append("| " + " | ".join(cells) + " |")
     if len(runs) > 1:
         base = runs[0]
@@ -149,6 +183,11 @@ def format_report(runs: list[Run], by: str = "groups") -> str:
                     cells.append("n/a (n=0)" if p is None else f"{p:.3g} (n={n})")
             lines.append("| " + " | ".join(cells) + " |")
     notes = []
+    if partial:
+        notes.append("A cell marked (k fold(s)) is the mean over only the k folds where that value "
+                     "is defined; with 1 fold there is no std.")
+    if any(_overlap(r) for r in runs):
+        notes.append(OVERLAP_NOTE)
     if undefined:
         notes.append("Undefined values (empty reference for DSC; empty prediction or reference "
                      "for HD95) are left out of the means: " + "; ".join(undefined) + ".")

@@ -4,6 +4,7 @@ resume, results layout. Tiny synthetic stores (disks in noise), mit_b0 at 32 px.
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -217,3 +218,35 @@ def test_unlabelled_cases_are_left_out_with_a_warning(tmp_path):
     folds = json.loads((tmp_path / "out" / "folds.json").read_text())["folds"]
     assert "bare" not in {c for f in folds for c in f["train"] + f["val"]}
     assert "bare" not in result["cases"]
+
+
+def test_start_summary_progress_and_resume_with_equivalent_settings(tmp_path, capsys, monkeypatch):
+    """A relative --init, then the same file by its absolute path and --encoder equal to
+    weights.json's, resume the fold; other weights are refused. The console shows the run's
+    settings once, a progress bar with its total and the validation DSC in percent."""
+    store = _store(tmp_path / "s.zarr", n=2)
+    _weights(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    args = ["finetune", "--data", str(store), "--out", str(tmp_path / "run"), "--folds", "2", "--fold", "0",
+            "--size", "32", "--batch-size", "3", "--device", "cpu", "--workers", "0", "--lr", "1e-3"]
+    assert main(args + ["--init", "weights.pt", "--epochs", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert out.count("fine-tuning mit_b0 from weights.pt on cpu: 2 fold(s) (only fold 0), 1 epochs, "
+                     "lr 0.001, batch 3, size 32, 2 labelled cases") == 1
+    assert "  fold 0: train 1 case(s) (6 slices, 2 batches per epoch), validation 1 case(s) (6 slices)" in out
+    assert re.search(r"fold 0 epoch 1: loss \d+\.\d{4}, validation DSC \d+\.\d{2}%", out), out
+    assert "| 0/2 [" in err  # the bar knows its total
+    absolute = args + ["--init", str(tmp_path / "weights.pt"), "--encoder", "mit_b0"]
+    assert main(absolute + ["--epochs", "2"]) == 0
+    assert "fold 0: resuming after epoch 1" in capsys.readouterr().out
+    assert main(absolute + ["--epochs", "2"]) == 0  # finished: not trained again
+    assert "fold 0: already done" in capsys.readouterr().out
+    other = tmp_path / "other"
+    other.mkdir()
+    _weights(other)
+    state = torch.load(other / "weights.pt", weights_only=True)
+    state["decoder.blocks.0.conv1.0.weight"] += 1  # other weights, same architecture
+    torch.save(state, other / "weights.pt")
+    assert main(args + ["--init", str(other / "weights.pt"), "--epochs", "3"]) == 2
+    assert re.search(r"last.pt was written with other settings \(init: 'sha256:[0-9a-f]{64}' -> "
+                     r"'sha256:[0-9a-f]{64}'\)", capsys.readouterr().err)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,8 +11,8 @@ from scipy.stats import wilcoxon
 
 from tcsmae.cli import main
 from tcsmae.errors import UserError
-from tcsmae.metrics import fold_summary, over_folds
-from tcsmae.report import format_report, load_run, paired_wilcoxon
+from tcsmae.metrics import fold_summary, mean_std, over_folds
+from tcsmae.report import Run, format_report, load_run, paired_wilcoxon
 
 
 def _case(dsc_a, hd_a, dsc_b=None, hd_b=None):
@@ -56,6 +57,11 @@ def _write(tmp_path, name, res):
     return d
 
 
+def _run(results: dict, name: str) -> Run:
+    """A Run straight from a results dict (no folder)."""
+    return Run(name=name, path=Path(name) / "results.json", results=results)
+
+
 def test_table_and_wilcoxon(tmp_path):
     rng = np.random.default_rng(3)
     base_vals = rng.uniform(0.5, 0.7, size=(2, 6))
@@ -91,7 +97,7 @@ def test_chest11_note_and_cli(tmp_path, capsys):
     assert main(["report", str(d), "--names", "TCS-MAE", "-o", str(tmp_path / "t.md")]) == 0
     out = capsys.readouterr().out
     assert "11 classes, not the 16 of the paper's Table III" in out
-    assert "| TCS-MAE (1 fold) | 90.00 ± 0.00 |" in out
+    assert "| TCS-MAE (1 fold) | 90.00 | 1.00 |" in out  # one fold: no spread to show
     assert (tmp_path / "t.md").read_text() == out
 
 
@@ -106,3 +112,31 @@ def test_errors(tmp_path, capsys):
         format_report([load_run(a), load_run(b)])
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert "no results.json" in capsys.readouterr().err
+
+
+def test_std_needs_two_defined_folds():
+    assert mean_std([0.81]) == (pytest.approx(0.81), None)
+    assert mean_std([None, 0.81]) == (pytest.approx(0.81), None)
+    assert mean_std([None, None]) == (None, None)
+    assert mean_std([0.8, 0.6]) == (pytest.approx(0.7), pytest.approx(0.1))
+    # fold 1 has no defined DSC (its structure is absent), so only fold 0 contributes
+    res = _results([[(0.81, 2.0)], [(None, None)]])
+    assert res["std"]["groups"]["ab"]["dsc"] is None
+    row = format_report([_run(res, "run")]).splitlines()[4]
+    assert row == "| run (2 folds) | 81.00 (1 fold) | 2.00 (1 fold) |"
+    assert "±" not in row
+    both = _results([[(0.8, 2.0)], [(0.6, 4.0)]])
+    assert format_report([_run(both, "run")]).splitlines()[4] == \
+        "| run (2 folds) | 70.00 ± 10.00 | 3.00 ± 1.00 |"
+    # an older results.json (std 0.0 over one value) is shown the same way
+    res["std"]["groups"]["ab"]["dsc"] = 0.0
+    assert "| 81.00 (1 fold) |" in format_report([_run(res, "run")])
+
+
+def test_allow_overlap_runs_are_marked():
+    clean, biased = _results([[(0.8, 2.0)]]), _results([[(0.9, 1.0)]])
+    biased["config"] = {"allow_overlap": True}
+    text = format_report([_run(clean, "clean"), _run(biased, "biased")])
+    assert "| clean (1 fold) |" in text and "| biased (1 fold) † |" in text
+    assert "† fine-tuned with --allow-overlap" in text
+    assert "†" not in format_report([_run(clean, "clean")])
