@@ -78,7 +78,10 @@ class PipelineConfig:
     """Augmentation: isotropic scale drawn uniformly in this range."""
 
     dtype: str = "float32"
-    """Dtype of `original` and `masked` handed to the model: float32, float16 or bfloat16."""
+    """Dtype of `original` and `masked` handed to the model: float32, float16 or bfloat16.
+    `original` is also the SSIM target (I_o): bfloat16 rounds it by up to 2e-3 (0..1 range),
+    more than the late-training SSIM gains (method-notes), so keep float32 for pretraining
+    (the network runs in bf16 autocast on the GPU either way)."""
 
     pad_hu: float = -1024.0
     """HU of the air used to pad non-square slices to a square."""
