@@ -42,7 +42,6 @@ def run_demo(out: Path, device: str = "cpu", quick: bool = False) -> None:
     pre_src, ft_src = out / "phantom-pretrain", out / "phantom-finetune"
     pre_store, ft_store = out / "pretrain.zarr", out / "finetune.zarr"
     n_pre, n_ft = (4, 4) if quick else (8, 6)
-    steps = "20" if quick else "100"
     ft_epochs = "2" if quick else "6"
 
     if not (pre_src / "manifest.csv").is_file():
@@ -59,7 +58,7 @@ def run_demo(out: Path, device: str = "cpu", quick: bool = False) -> None:
     run_dir = out / "pretrain"
     last = run_dir / "checkpoints" / "last.pt"
     pretrain = ["pretrain", "--data", str(pre_store), "--out", str(run_dir), "--preset", "demo",
-                "--device", device, "--epochs", "2", "--steps-per-epoch", steps]
+                "--device", device, "--epochs", "2"] + (["--steps-per-epoch", "20"] if quick else [])
     if last.is_file():
         pretrain += ["--resume", str(last)]
     _step("pretrain (TCS-MAE, demo preset)", pretrain)
