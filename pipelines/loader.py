@@ -17,8 +17,11 @@ at batch s of epoch e and yields the same batches and masks as an uninterrupted 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import signal
+import threading
 
 from tcsmae.errors import UserError
 
@@ -30,6 +33,22 @@ from .source import SliceSource
 _LAYOUTS = {"hu": "HW", "draw": None, "case_index": None, "z": None, "affine": None,
             "label": "HW"}
 _STACKED_LAYOUTS = {"hu": None, "draw": None, "case_index": None, "z": None, "label": "CHW"}
+
+
+@contextlib.contextmanager
+def _workers_ignore_ctrl_c():
+    """SIGINT ignored while DALI starts its reader processes, which keep that setting (fork and
+    spawn alike): a Ctrl-C reaches the whole process group, and the training process, not its
+    readers, decides how to stop (tcsmae.stopping: finish the step, save). DALI still ends the
+    readers with the pipeline. Outside the main thread (no signal handling there) a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _start_method(gpu: bool) -> str:
@@ -139,8 +158,9 @@ class SliceLoader:
         names = ["packed", "case_index", "z"]
         if self.with_labels:
             names.append("label")
-        self._iterator = DALIGenericIterator(pipe, names, auto_reset=True,
-                                             last_batch_policy=LastBatchPolicy.DROP)
+        with _workers_ignore_ctrl_c():  # DALI starts the reader processes here
+            self._iterator = DALIGenericIterator(pipe, names, auto_reset=True,
+                                                 last_batch_policy=LastBatchPolicy.DROP)
         self._built_at = (self.epoch, self.step)
 
     def _convert(self, data: dict) -> dict:

@@ -4,19 +4,26 @@ Schedulers (SLURM before a time limit or preemption, `docker stop`, Kubernetes) 
 SIGTERM and kill the process a little later; a plain Ctrl-C raised KeyboardInterrupt in
 the middle of a step. Inside `GracefulStop` both only set a flag; the training loop asks
 `requested(ctx)` after every step, saves a checkpoint at that position and raises
-`TrainingStopped`. A second Ctrl-C interrupts at once (KeyboardInterrupt), as before.
+`TrainingStopped`.
 
-Under DDP every rank asks after the same step and the ranks agree (max over ranks), so a
-signal that reaches one rank only, or the ranks at different steps, stops all of them
-after the same step: the checkpoint's barrier never waits for a rank that went on.
+- A second Ctrl-C more than `REPEAT_S` seconds after the first interrupts at once
+  (KeyboardInterrupt), as before. Closer repeats are the same Ctrl-C delivered twice
+  (torchrun's agent forwards the terminal's SIGINT to workers that already got it).
+- A process that has not stopped `GRACE_S` seconds after SIGTERM (stuck in a collective
+  or a data call) exits with 128 + SIGTERM, unsaved, as SIGTERM did before.
+- Under DDP every rank asks after the same step and the ranks agree (max over ranks), so
+  a signal that reaches one rank only, or the ranks at different steps, stops all of them
+  after the same step: the checkpoint's barrier never waits for a rank that went on.
+- Processes forked inside the context (DALI's readers on the CPU path) leave Ctrl-C to
+  the parent and die on SIGTERM as before.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
+import time
 
 import torch
 
@@ -40,11 +47,15 @@ class GracefulStop:
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    REPEAT_S = 2.0
+    GRACE_S = 120.0
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
         self._pid = os.getpid()
+        self._first_at = 0.0
+        self._watchdog: threading.Timer | None = None
 
     def __enter__(self) -> "GracefulStop":
         self._pid = os.getpid()
@@ -54,6 +65,8 @@ class GracefulStop:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
@@ -64,12 +77,26 @@ class GracefulStop:
                 signal.signal(signum, signal.SIG_DFL)
                 os.kill(os.getpid(), signum)
             return  # Ctrl-C reaches the whole process group: the parent decides
-        if signum == signal.SIGINT and self.signum is not None:
-            raise KeyboardInterrupt  # second Ctrl-C: now
-        self.signum = self.signum or signum
-        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint"
-              + (" (Ctrl-C again to stop at once, unsaved)" if signum == signal.SIGINT else ""),
-              file=sys.stderr, flush=True)
+        now = time.monotonic()
+        if self.signum is not None:
+            if signum == signal.SIGINT and now - self._first_at > self.REPEAT_S:
+                raise KeyboardInterrupt  # a second Ctrl-C: now
+            return
+        self.signum, self._first_at = signum, now
+        if signum == signal.SIGTERM:
+            self._watchdog = threading.Timer(self.GRACE_S, self._give_up, args=(signum,))
+            self._watchdog.daemon = True
+            self._watchdog.start()
+        # os.write, not print: a handler that interrupts a write to stderr must not write through
+        # the same buffered stream ("reentrant call")
+        _say(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint"
+             + (" (Ctrl-C again to stop at once, unsaved)" if signum == signal.SIGINT else "") + "\n")
+
+    def _give_up(self, signum: int) -> None:
+        """Watchdog thread: the run did not stop within GRACE_S; exit like an unhandled signal."""
+        _say(f"{signal.Signals(signum).name}: not stopped {self.GRACE_S:.0f} s later (stuck in a collective or a "
+             "data call?); exiting without a checkpoint\n")
+        os._exit(128 + signum)
 
     def requested(self, ctx: DistContext) -> int | None:
         """The signal number when any rank was asked to stop, else None (a collective call
@@ -82,6 +109,14 @@ class GracefulStop:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             signum = int(flag.item())
         return signum or None
+
+
+def _say(text: str) -> None:
+    """Write to file descriptor 2, unbuffered (safe inside a signal handler)."""
+    try:
+        os.write(2, text.encode())
+    except OSError:  # stderr closed: the message is all that is lost
+        pass
 
 
 __all__ = ["GracefulStop", "TrainingStopped"]

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -175,9 +180,31 @@ def test_parallel_workers_give_the_same_batches(tiny_store, monkeypatch, start_m
     path, _ = tiny_store
     cfg = PipelineConfig(size=32)
     serial = _collect(make_loader(path, cfg, batch_size=6, py_workers=0, num_threads=1), 4)
-    parallel = _collect(make_loader(path, cfg, batch_size=6, py_workers=2, num_threads=2), 4)
-    for a, b in zip(serial, parallel):
+    loader = make_loader(path, cfg, batch_size=6, py_workers=2, num_threads=2)
+    parallel = _collect(loader, 2)
+    # a Ctrl-C reaches the readers too (one process group): they ignore it, the batches go on
+    readers = _child_pids()
+    assert len(readers) >= 2
+    for pid in readers:
+        os.kill(pid, signal.SIGINT)
+    time.sleep(0.5)
+    assert set(readers) <= set(_child_pids())  # still alive
+    parallel += _collect(loader, 2)
+    for a, b in zip(serial, parallel, strict=True):
         assert torch.equal(a["z"], b["z"]) and torch.equal(a["masked"], b["masked"])
+
+
+def _child_pids() -> list[int]:
+    """Live (not zombie) child processes of this one, from /proc."""
+    me, found = os.getpid(), []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
 
 
 @pytest.mark.parametrize("with_labels", [False, True])

@@ -184,7 +184,10 @@ def test_sigterm_finishes_the_step_saves_it_and_resume_repeats_the_run(tmp_path)
     assert [m["step"] for m in metrics(tmp_path / "b")] == list(range(1, 9))
 
 
-def test_a_second_ctrl_c_interrupts_at_once(tmp_path):
+def test_a_second_ctrl_c_interrupts_at_once(tmp_path, monkeypatch):
+    from tcsmae.stopping import GracefulStop
+
+    monkeypatch.setattr(GracefulStop, "REPEAT_S", -1.0)  # a repeat this soon counts as a second press
     cfg = tiny_config(epochs=1, steps_per_epoch=4, checkpoint_every=0)
     twice = Signalled(4, 64, steps_per_epoch=4, seed=2)
     twice.signals = (signal.SIGINT, signal.SIGINT)
