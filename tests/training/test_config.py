@@ -128,3 +128,27 @@ def test_start_summary_notes_surprising_settings():
     assert "note" not in demo  # the demo preset's own step cap is not the user's doing
     asked = pretrain_cmd.start_summary(preset("demo"), cpu, "s.zarr", 3, asked_steps=7)
     assert "--steps-per-epoch 7 is more than that: an epoch stops after 3" in asked
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({"lr": "1e-3"}, 'lr = "1e-3" is not a number'),
+    ({"batch_size": 2.5}, "batch_size = 2.5 is not an integer"),
+    ({"pipeline": {"lung_window": [-500]}}, "lung_window = \\[-500\\] is not a list of 2 numbers"),
+    ({"pipeline": {"intervals": True}}, "intervals = true is not an integer"),
+    ({"model": {"mep_levels": [4, "5"]}}, "mep_levels .* is not a list of integers"),
+    ({"pipeline": 7}, "pipeline: 7 must be a JSON object"),
+])
+def test_config_file_values_are_type_checked(tmp_path, bad, message):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(UserError, match=message):
+        load_config_file(path, preset("paper"))
+
+
+def test_config_file_numbers_are_converted_to_the_field_type(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"lr": 1, "model": {"mep_levels": [5], "encoder_weights": None},
+                                "pipeline": {"lung_window": [-400, 1000]}}))
+    cfg = load_config_file(path, preset("paper"))
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
+    assert cfg.model.mep_levels == (5,) and cfg.pipeline.lung_window == (-400.0, 1000.0)
