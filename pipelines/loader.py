@@ -51,6 +51,30 @@ def _workers_ignore_ctrl_c():
         signal.signal(signal.SIGINT, previous)
 
 
+_USER_ERROR_LINE = "tcsmae.errors.UserError: "
+
+
+@contextlib.contextmanager
+def _readers_user_errors():
+    """A UserError raised in a reader process (a damaged store, say) reaches the caller as
+    itself: DALI re-raises it as a generic exception carrying the reader's traceback text,
+    which the CLI would print in full (~100 lines) instead of the one-line message."""
+    try:
+        yield
+    except StopIteration:
+        raise
+    except Exception as exc:
+        seen: BaseException | None = exc
+        while seen is not None:
+            if isinstance(seen, UserError):
+                raise seen from None
+            for line in str(seen).splitlines():
+                if line.startswith(_USER_ERROR_LINE):
+                    raise UserError(line[len(_USER_ERROR_LINE):]) from exc
+            seen = seen.__cause__ or seen.__context__
+        raise
+
+
 def _start_method(gpu: bool) -> str:
     """'fork' is only safe before CUDA is initialised in this process; else 'spawn'."""
     if gpu:
@@ -158,8 +182,8 @@ class SliceLoader:
         names = ["packed", "case_index", "z"]
         if self.with_labels:
             names.append("label")
-        with _workers_ignore_ctrl_c():  # DALI starts the reader processes here
-            self._iterator = DALIGenericIterator(pipe, names, auto_reset=True,
+        with _workers_ignore_ctrl_c(), _readers_user_errors():  # DALI starts the readers and
+            self._iterator = DALIGenericIterator(pipe, names, auto_reset=True,  # reads batch 1
                                                  last_batch_policy=LastBatchPolicy.DROP)
         self._built_at = (self.epoch, self.step)
 
@@ -186,7 +210,8 @@ class SliceLoader:
         """DALI's next batch, or None at the end of the epoch (DALI then resets itself).
         next() is called directly: DALI's __iter__ would reset a partly consumed iterator."""
         try:
-            return next(self._iterator)
+            with _readers_user_errors():
+                return next(self._iterator)
         except StopIteration:
             return None
 

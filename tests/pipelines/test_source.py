@@ -284,3 +284,20 @@ def test_empty_store_says_it_holds_no_cases(tmp_path):
         pass
     with pytest.raises(UserError, match="holds no cases"):
         SliceSource(tmp_path / "empty.zarr", PipelineConfig(size=32), 2)
+
+
+@pytest.mark.parametrize("py_workers", [0, 1])
+def test_a_damaged_store_gives_the_readers_one_line_error(tiny_store, tmp_path, py_workers):
+    """In reader processes too (DALI wraps their exceptions in its own, with the traceback)."""
+    import shutil
+
+    path = tmp_path / "damaged.zarr"
+    shutil.copytree(tiny_store[0], path)
+    for shard in (path / "images").glob("*/c/0/0/0"):
+        data = bytearray(shard.read_bytes())
+        data[-6] ^= 0xFF  # inside the shard index, which carries a crc32c
+        shard.write_bytes(bytes(data))
+    loader = make_loader(path, PipelineConfig(size=32), batch_size=4, py_workers=py_workers, num_threads=1)
+    with pytest.raises(UserError, match=r"unreadable .*--overwrite") as caught:
+        _collect(loader, 1)
+    assert "Traceback" not in str(caught.value)
