@@ -241,15 +241,34 @@ def run(args) -> int:
                 return 0
             say(f"resuming from {args.resume} after step {ckpt['step']}: epoch {done_epochs + 1}/{cfg.epochs}, "
                 f"batch {ckpt['data_position']['step'] + 1}")
+            note = world_size_note(ckpt.get("world_size"), ctx.world_size, cfg.batch_size,
+                                   ckpt["data_position"]["step"] > 0)
+            if note:
+                say(note)
         try:
             pos = pretrain(cfg, batches, out, ctx, resume=ckpt, pretraining_cases=cases, store=store)
         except TrainingStopped as stopped:
-            say(f"{stopped}; checkpoint {last}: continue with tcsmae pretrain --resume {last}")
+            launcher = ("the same torchrun command with -m tcsmae.cli pretrain" if "TORCHELASTIC_RUN_ID" in os.environ
+                        else "tcsmae pretrain")
+            say(f"{stopped}; checkpoint {last}: continue with {launcher} --resume {last}")
             return 128 + stopped.signum
         say(f"done: {pos.step} steps, {pos.epoch} epochs; checkpoint {last}")
     finally:
         shutdown(ctx)
     return 0
+
+
+def world_size_note(saved: int | None, now: int, batch_size: int, mid_epoch: bool) -> str | None:
+    """A warning when a checkpoint of `saved` ranks resumes on `now` ranks: the run goes on,
+    but not as the uninterrupted one would have."""
+    if saved is None or saved == now:
+        return None
+    return (f"note: the checkpoint was written by {saved} rank(s) and this run has {now}: the global batch "
+            f"changes from {saved * batch_size} to {now * batch_size} (the learning rate is not rescaled), the "
+            "random state restarts"
+            + (", and the rest of this epoch is sharded anew, so some of its slices are seen twice or not at all"
+               if mid_epoch else "")
+            + f"; resume on {saved} rank(s) to continue exactly")
 
 
 def start_summary(cfg, ctx, store: Path, batches_per_epoch: int, asked_steps: int | None = None) -> str:

@@ -152,3 +152,11 @@ def test_config_file_numbers_are_converted_to_the_field_type(tmp_path):
     cfg = load_config_file(path, preset("paper"))
     assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
     assert cfg.model.mep_levels == (5,) and cfg.pipeline.lung_window == (-400.0, 1000.0)
+
+
+def test_resuming_on_another_number_of_ranks_is_announced():
+    assert pretrain_cmd.world_size_note(2, 2, 30, True) is None
+    assert pretrain_cmd.world_size_note(None, 1, 30, True) is None  # an old checkpoint: unknown
+    note = pretrain_cmd.world_size_note(2, 1, 8, mid_epoch=True)
+    assert "from 16 to 8" in note and "sharded anew" in note and "resume on 2 rank(s)" in note
+    assert "sharded anew" not in pretrain_cmd.world_size_note(1, 4, 8, mid_epoch=False)
