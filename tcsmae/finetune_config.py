@@ -180,6 +180,9 @@ def build_model(encoder: str, out_channels: int, init: str):
                         "give weights.pt from `tcsmae export`") from None
     if not isinstance(state, dict):
         raise UserError(f"--init {init}: not a plain state dict; give weights.pt from `tcsmae export`")
+    if "model" in state and "optimizer" in state:
+        raise UserError(f"--init {init} is a pretraining checkpoint, not exported weights: run "
+                        f"`tcsmae export {init} -o weights.pt` and pass --init weights.pt")
     body = {k: v for k, v in state.items() if not k.startswith("segmentation_head.")}
     own = model.state_dict()
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in body.items()

@@ -84,6 +84,7 @@ def plot_val_dsc(out_dir: Path) -> Path | None:
         if pts:
             ax.plot([e for e, _ in pts], [100 * v for _, v in pts], marker="o", ms=3, label=name.replace("_", " "))
     ax.set_xlabel("epoch")
+    ax.xaxis.get_major_locator().set_params(integer=True)  # whole epochs only
     ax.set_ylabel("validation DSC (%)")
     ax.set_title(f"online validation DSC - {out_dir.name}")
     ax.grid(alpha=0.3)

@@ -141,7 +141,7 @@ def run(args) -> int:
                 ref = resize_nearest(pad_to_square(lm.to_classes(store.read_label_slice(case, z)), 0), seg_cfg.size)
             row["overlay"] = (image, ref, pred)
         rows.append(row)
-    titles = ["input", "masked", "reconstruction"] + (["prediction (red) vs reference (green)"] if seg is not None else [])
+    titles = ["input (mediastinal window)", "masked", "reconstruction"] + (["prediction (red) vs reference (green)"] if seg is not None else [])
     if len(rows) == 0:
         raise UserError(f"{args.data}: no slice to draw")
     draw_panels(rows, args.out, titles)

@@ -81,6 +81,11 @@ def test_bad_init_and_encoder_mismatch(tmp_path):
     path, _ = _weights(tmp_path)
     with pytest.raises(UserError, match="does not fit"):
         build_model("mit_b1", 2, str(path))
+    checkpoint = tmp_path / "last.pt"  # a pretraining checkpoint instead of exported weights
+    torch.save({"format": "tcsmae-pretrain", "model": torch.load(path, weights_only=True), "optimizer": {}},
+               checkpoint)
+    with pytest.raises(UserError, match="is a pretraining checkpoint.*tcsmae export"):
+        build_model("mit_b0", 2, str(checkpoint))
     cfg = FinetuneConfig(init=str(path), encoder="resnet18", size=32)
     with pytest.raises(UserError, match="holds a mit_b0 encoder"):
         finetune(_store(tmp_path / "s.zarr"), tmp_path / "out", cfg)
