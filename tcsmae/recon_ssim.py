@@ -18,6 +18,7 @@ Writes DIR/recon_ssim.json (per-sample values, slice ids, means), DIR/recon_ssim
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -141,6 +142,9 @@ def run(args) -> int:
         raise UserError(f"--names gives {len(names)} names for {len(args.weights)} weights; give one per file")
     if args.n < 1:
         raise UserError(f"--n {args.n}: must be >= 1")
+    if args.size and (args.size < 0 or args.size % 32):
+        raise UserError(f"--size {args.size}: use a positive multiple of 32 (the U-Net halves it 5 times), "
+                        "or leave it out for each model's training size")
     store = open_store(args.data)
     slice_ids = sample_slices(store.n_slices, args.n, args.seed)
     device = resolve_device(args.device)
@@ -157,6 +161,10 @@ def run(args) -> int:
                           "rho": cfg.rho, "intervals": cfg.intervals}
         m, u = np.mean(results[name]["masked"]), np.mean(results[name]["unmasked"])
         print(f"{name}: mean SSIM {m:.4f} (masked input), {u:.4f} (unmasked input), {len(slice_ids)} slices")
+    sizes = {settings[n]["size"] for n in names}
+    if len(sizes) > 1:
+        print(f"warning: the models ran at different sizes ({', '.join(f'{n} {settings[n]['size']}' for n in names)}); "
+              "their SSIM values are not comparable: pass --size to run them all at one", file=sys.stderr)
     case_ids = [store.case_ids[int(store.slice_case[i])] for i in slice_ids]
     z = [int(store.slice_z[i]) for i in slice_ids]
     doc = {"data": str(args.data), "slice_ids": slice_ids.tolist(), "case_ids": case_ids, "z": z,

@@ -70,6 +70,7 @@ def test_recon_ssim_cli_writes_values_and_plot(tmp_path):
     np.testing.assert_allclose(npz["A_unmasked"], a["unmasked"])
     assert (out / "recon_ssim.png").stat().st_size > 1000
     assert main(["recon-ssim", "--weights", str(weights), "--data", str(store), "--n", "0"]) == 2
+    assert main(["recon-ssim", "--weights", str(weights), "--data", str(store), "--size", "100"]) == 2
 
 
 def test_visualize_panels(tmp_path):
