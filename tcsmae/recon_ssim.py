@@ -163,7 +163,8 @@ def run(args) -> int:
         print(f"{name}: mean SSIM {m:.4f} (masked input), {u:.4f} (unmasked input), {len(slice_ids)} slices")
     sizes = {settings[n]["size"] for n in names}
     if len(sizes) > 1:
-        print(f"warning: the models ran at different sizes ({', '.join(f'{n} {settings[n]['size']}' for n in names)}); "
+        ran = ", ".join(f"{n} {settings[n]['size']}" for n in names)
+        print(f"warning: the models ran at different sizes ({ran}); "
               "their SSIM values are not comparable: pass --size to run them all at one", file=sys.stderr)
     case_ids = [store.case_ids[int(store.slice_case[i])] for i in slice_ids]
     z = [int(store.slice_z[i]) for i in slice_ids]
