@@ -54,7 +54,7 @@ def _pretrained(tmp_path, size=32):
     return tmp_path / "weights.pt"
 
 
-def test_recon_ssim_cli_writes_values_and_plot(tmp_path):
+def test_recon_ssim_cli_writes_values_and_plot(tmp_path, capsys):
     store = _store(tmp_path / "s.zarr", n=2)
     weights = _pretrained(tmp_path)
     out = tmp_path / "ssim"
@@ -71,6 +71,12 @@ def test_recon_ssim_cli_writes_values_and_plot(tmp_path):
     assert (out / "recon_ssim.png").stat().st_size > 1000
     assert main(["recon-ssim", "--weights", str(weights), "--data", str(store), "--n", "0"]) == 2
     assert main(["recon-ssim", "--weights", str(weights), "--data", str(store), "--size", "100"]) == 2
+    (tmp_path / "b").mkdir()
+    other = _pretrained(tmp_path / "b", size=64)  # trained at another size
+    capsys.readouterr()
+    assert main(["recon-ssim", "--weights", str(weights), str(other), "--names", "A", "B", "--data", str(store),
+                 "--n", "2", "--out", str(tmp_path / "ssim2"), "--device", "cpu"]) == 0
+    assert "different sizes (A 32, B 64)" in capsys.readouterr().err
 
 
 def test_visualize_panels(tmp_path):
