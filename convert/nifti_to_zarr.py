@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tcsmae.convert.store import no_air_warning
 from tcsmae.errors import UserError
 
 HELP = "convert NIfTI CT volumes (and label maps, or TotalSegmentator case folders) into a tcsmae store"
@@ -241,6 +242,9 @@ def case_arrays(src: NiftiSource) -> tuple[np.ndarray, np.ndarray | None, dict]:
     if hu.size and (hu.min() < -1200 or hu.max() > 4000):
         warnings.append(f"HU range {hu.min():.0f}..{hu.max():.0f} is implausible for CT: is {src.image.name} "
                         "in Hounsfield units?")
+    no_air = no_air_warning(hu, str(src.image))
+    if no_air:
+        warnings.append(no_air)
     attrs = geom.to_attrs()
     attrs.update({
         "patient_id": src.patient_id,

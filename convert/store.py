@@ -71,6 +71,24 @@ def body_fraction(hu: np.ndarray) -> np.ndarray:
     return (hu > BODY_HU).mean(axis=(1, 2), dtype=np.float64).astype(np.float32)
 
 
+def no_air_warning(hu: np.ndarray, source: str) -> str | None:
+    """A warning when a CT volume holds (almost) no air, i.e. its 1st percentile is above
+    -500 HU: the values are then most likely not HU (a missing rescale intercept leaves
+    air at about 0 and tissue at about 1000). None for a plausible volume.
+
+    hu: (Z, Y, X) any real dtype, supposedly Hounsfield units; source: the file, for the message.
+    """
+    hu = np.asarray(hu)
+    if hu.size == 0:
+        return None
+    air = int(np.count_nonzero(hu <= BODY_HU))
+    if air >= 0.01 * hu.size:
+        return None
+    return (f"no air found in {source}: are these HU? (missing rescale intercept?) only "
+            f"{100 * air / hu.size:.2f}% of voxels are at or below {BODY_HU:g} HU, "
+            f"1st percentile {float(np.percentile(hu, 1)):g}")
+
+
 def storage_dtype(hu: np.ndarray) -> np.dtype:
     """int16 when every value is an exact integer that fits in int16, else float32."""
     hu = np.asarray(hu)

@@ -411,3 +411,15 @@ def test_nifti_given_to_the_dicom_converter_points_to_convert_nifti(tmp_path):
     (tmp_path / "ct.nii.gz").write_bytes(b"\x1f\x8b" + bytes(400))
     result = scan_file(tmp_path / "ct.nii.gz")
     assert result.kind == "junk" and "convert-nifti" in result.reason
+
+
+def test_values_without_intercept_warn_no_air(tmp_path, convert):
+    """Stored values taken as HU (intercept 0 instead of -1024): air at 0, tissue near 1000."""
+    s = ct_series(n=4)
+    for ds in s.datasets:
+        ds.RescaleIntercept = 0
+    write_series(s.datasets, tmp_path / "raw")
+    assert convert(tmp_path / "raw", "-o", tmp_path / "s.zarr")[0] == 0
+    warnings = open_store(tmp_path / "s.zarr").case_attrs(uid(s))["warnings"]
+    assert any(w.startswith("no air found in the series of ") and "are these HU? (missing rescale intercept?)" in w
+               for w in warnings), warnings

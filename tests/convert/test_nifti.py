@@ -37,6 +37,21 @@ def real_store(shared_data, tmp_path_factory):
     return open_store(out)
 
 
+def test_real_volume_raises_no_warning(real_store):
+    assert real_store.case_attrs("totalseg-ct-small")["warnings"] == []
+
+
+def test_values_without_intercept_warn_no_air(tmp_path):
+    """A volume missing its intercept (values 0..2231) converted with 0 warnings."""
+    raw = np.random.default_rng(0).integers(0, 2232, (20, 16, 6)).astype(np.int16)
+    _write(tmp_path / "raw.nii.gz", raw, np.eye(4))
+    out = tmp_path / "r.zarr"
+    assert cli(["convert-nifti", str(tmp_path / "raw.nii.gz"), "-o", str(out), "--no-progress"]) == 0
+    warnings = open_store(out).case_attrs("raw")["warnings"]
+    assert any(w.startswith(f"no air found in {tmp_path / 'raw.nii.gz'}: are these HU? (missing rescale intercept?)")
+               for w in warnings), warnings
+
+
 def test_real_volume_hu_equal_nibabel_after_reorientation(real_store, shared_data):
     img = nib.load(shared_data / "totalseg-ct-small.nii.gz")
     assert nib.aff2axcodes(img.affine) == ("R", "A", "S")  # premise of _ras_to_store

@@ -145,3 +145,17 @@ def test_damaged_index_or_chunk_is_a_user_error_naming_the_fix(tmp_path):
     (path / INDEX_FILE).write_text("not an index")
     with pytest.raises(UserError, match="unreadable.*delete"):
         open_store(path)
+
+
+def test_no_air_warning_for_values_that_are_not_hu():
+    """A NIfTI volume without its intercept (values 0..2231) converted with no warning."""
+    from tcsmae.convert.store import no_air_warning
+
+    rng = np.random.default_rng(0)
+    not_hu = rng.integers(0, 2232, (4, 32, 32))
+    warning = no_air_warning(not_hu, "vol.nii.gz")
+    assert warning is not None and warning.startswith("no air found in vol.nii.gz: are these HU? "
+                                                      "(missing rescale intercept?)")
+    ct = not_hu - 1024
+    assert no_air_warning(ct, "vol.nii.gz") is None
+    assert no_air_warning(np.zeros((0, 4, 4)), "empty") is None
