@@ -370,18 +370,24 @@ class CTStore:
         return f"CTStore({str(self.path)!r}, cases={len(self.case_ids)}, slices={self.n_slices})"
 
 
-def _check_group(path: Path) -> None:
+def _check_group(path: Path, output: bool = False) -> None:
+    """Refuse a folder that is not a tcsmae store. output: the folder is a conversion's -o (the
+    fix is then another folder, not `tcsmae convert`)."""
     import json
 
     meta = path / "zarr.json"
+    other = "; choose a new or empty folder for -o" if output else ""
     if not meta.is_file():
-        raise UserError(f"{path} is not a Zarr store (no zarr.json); create one with `tcsmae convert`")
+        raise UserError(f"{path} is not a Zarr store (no zarr.json)"
+                        + (other or "; create one with `tcsmae convert ... -o STORE`"))
     try:
         attrs = json.loads(meta.read_text()).get("attributes", {})
-    except ValueError as exc:
-        raise UserError(f"{meta} is not valid JSON ({exc}); the store is damaged") from exc
+    except (ValueError, AttributeError) as exc:
+        raise UserError(f"{meta} is not valid JSON ({exc}); the store is damaged"
+                        + (other or "; convert into a new store")) from exc
     if attrs.get("format") != FORMAT:
-        raise UserError(f"{path} is a Zarr group but not a tcsmae CT store (format={attrs.get('format')!r})")
+        raise UserError(f"{path} is a Zarr group but not a tcsmae CT store "
+                        f"(format={attrs.get('format')!r}){other}")
     if int(attrs.get("format_version", 0)) > FORMAT_VERSION:
         raise UserError(
             f"{path} has format_version {attrs.get('format_version')}, newer than this tcsmae "
@@ -433,7 +439,7 @@ class StoreWriter:
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"output {self.path} exists and is not a folder; choose another -o")
         if self.path.exists() and any(self.path.iterdir()):
-            _check_group(self.path)
+            _check_group(self.path, output=True)
         self._created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(self.path / LOCK_FILE))

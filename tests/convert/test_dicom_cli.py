@@ -131,6 +131,7 @@ def test_exit_2_usage_errors(tmp_path, convert, two_series, capsys):
     (tmp_path / "not_a_store" / "file.txt").write_text("x")
     code, out = convert(root / "a", "-o", tmp_path / "not_a_store")
     assert code == 2 and "not a Zarr store" in out
+    assert "choose a new or empty folder" in out and "create one with" not in out
     code, out = convert(root / "a", "-o", tmp_path / "not_a_store" / "file.txt" / "s.zarr")
     assert code == 1 and "cannot write the store" in out and "Traceback" not in out
 

@@ -66,8 +66,10 @@ def test_missing_index_refused_and_foreign_folder(tmp_path):
     (tmp_path / "other" / "file.txt").write_text("x")
     with pytest.raises(UserError, match="not a Zarr store"):
         open_store(tmp_path / "other")
-    with pytest.raises(UserError, match="not a Zarr store"):
+    with pytest.raises(UserError, match="not a Zarr store") as exc:
         StoreWriter(tmp_path / "other").__enter__()
+    # the output of a conversion: `tcsmae convert` is the command just run, not the fix
+    assert "choose a new or empty folder" in str(exc.value) and "create one" not in str(exc.value)
 
 
 def test_uncommitted_case_invisible_then_cleaned(tmp_path):
