@@ -128,9 +128,12 @@ def _scan_plan_convert(args, jobs: list[Job], files_of_job: list[list[Path]], al
             todo = []
             for plan in plans:
                 existing = writer.source_sha256(plan.case_id)
+                damage = writer.damage(plan.case_id) if existing == plan.source_sha256 else None
                 if existing is None:
                     todo.append(plan)
-                elif args.overwrite:
+                elif args.overwrite or damage:
+                    if damage:
+                        print(f"case {plan.case_id}: {damage}; converting it again", file=sys.stderr)
                     writer.remove_case(plan.case_id)
                     todo.append(plan)
                 elif existing == plan.source_sha256:

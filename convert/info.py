@@ -4,13 +4,15 @@ Prints one row per committed case (slices, slice size, dtype, spacing [z, y, x] 
 number of warnings, patient), the warnings themselves, and totals (cases, slices, size on
 disk = sum of the file sizes under the store folder).
 
---verify reads every chunk of every committed array and checks
+--verify reads every slice of every committed array through the store's checked reader
+(shard index and chunk crc32c, a missing image shard is damage) and checks
 - the content digest recorded at write time (`content_sha256` attribute: sha256 of the
   array's C-order bytes in the stored dtype) of each image and label array;
 - that the slice index agrees with the arrays (slice count and body fraction per slice).
-A case that fails (unreadable chunk, digest mismatch, index disagreement) is named; the exit
-code is then 1. Arrays without a recorded digest are reported as "no digest" and checked only
-for readability and index agreement.
+A case that fails (damaged or missing shard file, digest mismatch, index disagreement) is
+named with the file and slices concerned, followed by the command that rewrites it
+(`tcsmae convert ... --overwrite`); the exit code is then 1. Arrays without a recorded
+digest are reported as "no digest" and checked only for readability and index agreement.
 """
 
 from __future__ import annotations
@@ -58,58 +60,87 @@ def _human(n: float) -> str:
     return f"{n} B"
 
 
-def _digest_of(arr) -> tuple[str, np.ndarray]:
-    """Read a whole zarr array (every chunk) and return (sha256 of C-order bytes, data)."""
-    data = np.ascontiguousarray(arr[...])
-    return hashlib.sha256(data.tobytes()).hexdigest(), data
+def _read_array(store, key: str, n_slices: int, on_slice) -> tuple[str | None, list[str]]:
+    """Read every slice of array `key` through the store's checked reader (shard_reader's
+    checksums, or zarr-python's for other layouts), calling on_slice(z, slice) for each.
+
+    Returns (sha256 of the array's C-order bytes, or None when a slice failed; problems, one
+    per damaged file: the file, what is wrong and which slices)."""
+    from tcsmae.convert.shard_reader import DamagedChunk
+
+    digest = hashlib.sha256()
+    damaged: dict[str, tuple[str, list[int]]] = {}
+    for z in range(n_slices):
+        try:
+            data = np.ascontiguousarray(store._read(key, z))
+        except DamagedChunk as exc:
+            damaged.setdefault(f"shard file {exc.path}", (exc.reason, []))[1].append(z)
+            continue
+        except Exception as exc:  # any other decode/IO failure is a verification failure too
+            damaged.setdefault(f"{key}", (f"unreadable ({type(exc).__name__}: {exc})", []))[1].append(z)
+            continue
+        digest.update(data.tobytes())
+        on_slice(z, data)
+    problems = []
+    for where, (reason, zs) in damaged.items():
+        span = f"slice {zs[0]}" if len(zs) == 1 else f"slices {zs[0]}-{zs[-1]}" + (
+            "" if zs[-1] - zs[0] + 1 == len(zs) else f" ({len(zs)} of them)")
+        what = "image" if key.startswith("images/") else "label"
+        problems.append(f"{what} {span}: {where}: {reason}")
+    return (None if damaged else digest.hexdigest()), problems
 
 
 def verify_case(store, case_index: int) -> CaseCheck:
     """Read every chunk of one case and check its digests and its slice-index entries."""
     from tcsmae.convert.store import body_fraction
+    from tcsmae.errors import UserError
 
     cid = store.case_ids[case_index]
     check = CaseCheck(cid)
     try:
         image = store.image(cid)
-        digest, hu = _digest_of(image)
-    except Exception as exc:  # any decode/IO failure of a chunk is a verification failure
-        check.problems.append(f"image unreadable ({type(exc).__name__}: {exc})")
+        expected = dict(image.attrs).get("content_sha256")
+    except UserError as exc:  # unreadable zarr.json
+        check.problems.append(str(exc))
         return check
-    expected = dict(image.attrs).get("content_sha256")
+    n = int(image.shape[0])
+    fractions = np.full(n, np.nan, np.float32)
+
+    def keep_fraction(z, data):
+        fractions[z] = body_fraction(data[None])[0]
+
+    digest, problems = _read_array(store, f"images/{cid}", n, keep_fraction)
+    check.problems += problems
     if expected is None:
         check.notes.append("image: no digest recorded")
-    elif expected != digest:
+    elif digest is not None and expected != digest:
         check.problems.append(f"image content digest {digest[:12]}... != recorded {expected[:12]}...")
 
     rows = np.flatnonzero(store.slice_case == case_index)
     zs = store.slice_z[rows]
-    if len(rows) != hu.shape[0] or not np.array_equal(np.sort(zs), np.arange(hu.shape[0])):
-        check.problems.append(f"slice index lists {len(rows)} slices, array has {hu.shape[0]}")
-    else:
-        bf = body_fraction(hu)[zs]
-        bad = np.flatnonzero(np.abs(bf - store.body_fraction[rows]) > 1e-6)
+    if len(rows) != n or not np.array_equal(np.sort(zs), np.arange(n)):
+        check.problems.append(f"slice index lists {len(rows)} slices, array has {n}")
+    elif digest is not None:
+        bad = np.flatnonzero(np.abs(fractions[zs] - store.body_fraction[rows]) > 1e-6)
         if bad.size:
             check.problems.append(f"body fraction in the slice index disagrees with the image at "
                                   f"{bad.size} slice(s), first z={int(zs[bad[0]])}")
 
     try:
         label = store.label(cid)
-    except Exception as exc:
-        check.problems.append(f"label map unreadable ({type(exc).__name__}: {exc})")
+    except UserError as exc:
+        check.problems.append(str(exc))
         return check
     if label is not None:
-        try:
-            ldigest, lab = _digest_of(label)
-        except Exception as exc:
-            check.problems.append(f"label map unreadable ({type(exc).__name__}: {exc})")
-            return check
         lexpected = dict(label.attrs).get("content_sha256")
-        if lab.shape != hu.shape:
-            check.problems.append(f"label shape {lab.shape} != image shape {hu.shape}")
+        if tuple(label.shape) != tuple(image.shape):
+            check.problems.append(f"label shape {tuple(label.shape)} != image shape {tuple(image.shape)}")
+            return check
+        ldigest, problems = _read_array(store, f"labels/{cid}", n, lambda z, data: None)
+        check.problems += problems
         if lexpected is None:
             check.notes.append("labels: no digest recorded")
-        elif lexpected != ldigest:
+        elif ldigest is not None and lexpected != ldigest:
             check.problems.append(f"label content digest {ldigest[:12]}... != recorded {lexpected[:12]}...")
     return check
 
@@ -191,6 +222,10 @@ def run(args) -> int:
         for c in failed:
             for p in c.problems:
                 print(f"  {c.case_id}: {p}")
+        print("\nto repair, convert each damaged case again from its source with --overwrite "
+              "(without it a re-run keeps a case whose source is unchanged):")
+        for c in failed:
+            print(f"  {c.case_id}: {store.repair_command(c.case_id)}")
         return 1
     print(f"verified: every chunk of {len(checks)} cases read, digests and slice index match")
     return 0

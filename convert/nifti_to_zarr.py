@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -288,7 +289,10 @@ def convert_sources(sources: list[NiftiSource], out: Path, codec: str = "zstd", 
             try:
                 digest = source_digest(src)
                 existing = writer.source_sha256(src.case_id)
-                if existing is not None and not overwrite:
+                damage = writer.damage(src.case_id) if existing == digest else None
+                if damage:
+                    print(f"case {src.case_id}: {damage}; converting it again", file=sys.stderr)
+                elif existing is not None and not overwrite:
                     if existing == digest:
                         result["skipped"].append((src.case_id, "up to date (same source digest)"))
                         continue

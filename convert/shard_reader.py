@@ -7,11 +7,19 @@ reader does only what the store format (docs/store-format.md) needs:
 
     shard file images/<case_id>/c/<z // 64>/0/0
     = chunk bytes ... | index: 64 x (offset, nbytes) uint64 little endian | crc32c of the index
+    chunk bytes = compressed slice (zstd | lz4 | none) [| crc32c of those bytes]
 
 1. read the shard's index once (checked against its crc32c, then cached per file
-   version), 2. `pread` the chunk's bytes, 3. decompress (zstd / lz4 / none) and view
-   them as the array's dtype. An empty chunk (index entry 2**64-1, written by Zarr when a
-   slice equals the fill value) reads as the fill value.
+   version), 2. `pread` the chunk's bytes, 3. check the chunk's crc32c (stores written
+   since chunks carry one), 4. decompress and view them as the array's dtype. An empty
+   chunk (index entry 2**64-1, written by Zarr when a slice equals the fill value) reads
+   as the fill value.
+
+A missing shard file means "every slice of it equals the fill value" to Zarr. For a label
+map that is plain background; for a CT image it never happens (64 slices of exactly 0 HU),
+and the writer stores every image shard, so a reader made with `shards_required=True`
+(images) treats a missing shard as damage. Damage of any kind raises `DamagedChunk`
+naming the file and the slice.
 
 Arrays whose metadata is not this layout (another writer's sharding, a transposed or
 big-endian codec chain) get no reader (`ShardedSliceReader.for_array` returns None) and
@@ -31,9 +39,21 @@ _EMPTY = np.uint64(2**64 - 1)
 _DTYPES = {"int16": "<i2", "float32": "<f4", "uint8": "u1", "int32": "<i4"}
 
 
+class DamagedChunk(ValueError):
+    """A slice cannot be read as written: its shard file is missing, short or fails a checksum.
+
+    path: the shard file; z: the slice; reason: what is wrong, in words."""
+
+    def __init__(self, path: Path, z: int, reason: str):
+        super().__init__(f"shard file {path}: {reason}")
+        self.path = path
+        self.z = z
+        self.reason = reason
+
+
 def _decompressor(codecs: list[dict]):
-    """bytes -> bytes for the inner codec chain [bytes(little), zstd | numcodecs.lz4]; None when
-    the chain is something else."""
+    """bytes -> bytes for the inner codec chain [bytes(little), zstd | numcodecs.lz4 | nothing];
+    None when the chain is something else."""
     if not codecs or codecs[0].get("name") != "bytes":
         return None
     if codecs[0].get("configuration", {}).get("endian", "little") != "little":
@@ -55,15 +75,27 @@ def _decompressor(codecs: list[dict]):
     return None
 
 
+def _has_crc32c(codecs: list[dict]) -> bool:
+    """Whether the inner chain ends with a crc32c of the compressed chunk bytes."""
+    return bool(codecs) and codecs[-1].get("name") == "crc32c"
+
+
+def _payload_codecs(codecs: list[dict]) -> list[dict]:
+    """The chain without its trailing crc32c (checked by the reader itself)."""
+    return codecs[:-1] if _has_crc32c(codecs) else codecs
+
+
 class ShardedSliceReader:
     """Slice reads from one sharded (Z, Y, X) array of a tcsmae store.
 
     read(z) -> (Y, X) array of the stored dtype (int16 | float32 HU, uint8 | int32 label ids).
+    shards_required: a missing shard file is damage (image arrays), not all-fill slices.
     Picklable: it holds only the folder, the layout and a cache of shard indexes.
     """
 
     def __init__(self, folder: Path, shape: tuple[int, int, int], dtype: str,
-                 shard_slices: int, codecs: list[dict], fill_value, separator: str):
+                 shard_slices: int, codecs: list[dict], fill_value, separator: str,
+                 shards_required: bool = False):
         self.folder = folder
         self.shape = shape
         self.dtype = np.dtype(dtype)
@@ -71,7 +103,9 @@ class ShardedSliceReader:
         self.codecs = codecs
         self.fill_value = fill_value
         self.separator = separator
-        self._decode = _decompressor(codecs)
+        self.shards_required = shards_required
+        self.checksummed = _has_crc32c(codecs)
+        self._decode = _decompressor(_payload_codecs(codecs))
         self._index_cache: dict[int, tuple[tuple[int, int, int], np.ndarray]] = {}
 
     def __getstate__(self):
@@ -82,13 +116,15 @@ class ShardedSliceReader:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._decode = _decompressor(self.codecs)
+        self._decode = _decompressor(_payload_codecs(self.codecs))
 
     @classmethod
-    def for_array(cls, folder: str | os.PathLike) -> "ShardedSliceReader | None":
+    def for_array(cls, folder: str | os.PathLike,
+                  shards_required: bool = False) -> "ShardedSliceReader | None":
         """A reader for the array in `folder` (its zarr.json), or None when its layout is not
         the store format's: (Z, Y, X), shards of (S, Y, X) holding chunks of (1, Y, X), index
-        at the end protected by crc32c, a little-endian bytes codec plus zstd, lz4 or nothing."""
+        at the end protected by crc32c, a little-endian bytes codec plus zstd, lz4 or nothing,
+        optionally followed by crc32c."""
         folder = Path(folder)
         try:
             meta = json.loads((folder / "zarr.json").read_text())
@@ -107,7 +143,8 @@ class ShardedSliceReader:
             index_endian = conf["index_codecs"][0].get("configuration", {}).get("endian", "little")
             separator = key.get("configuration", {}).get("separator", "/")
             fill_value = meta["fill_value"]
-        except (KeyError, TypeError, ValueError):
+            codecs = list(conf["codecs"])
+        except (KeyError, TypeError, ValueError, AttributeError):
             return None
         if (dtype is None or len(shape) != 3 or grid.get("name") != "regular"
                 or key.get("name") != "default" or shard.get("name") != "sharding_indexed"
@@ -115,19 +152,28 @@ class ShardedSliceReader:
                 or chunk_shape != (1, *shape[1:]) or conf.get("index_location", "end") != "end"
                 or index_codecs != ["bytes", "crc32c"] or index_endian != "little"
                 or not isinstance(fill_value, (int, float)) or isinstance(fill_value, bool)
-                or _decompressor(conf["codecs"]) is None):
+                or _decompressor(_payload_codecs(codecs)) is None):
             return None
-        return cls(folder, shape, dtype, shard_shape[0], conf["codecs"], fill_value, separator)
+        return cls(folder, shape, dtype, shard_shape[0], codecs, fill_value, separator,
+                   shards_required)
 
     def shard_path(self, z: int) -> Path:
-        """The shard file holding slice z (it may not exist: an all-fill shard is not written)."""
+        """The shard file holding slice z (Zarr writes no file for an all-fill label shard)."""
         sep = self.separator
         return self.folder / f"c{sep}{z // self.shard_slices}{sep}0{sep}0"
 
-    def _index(self, fd: int, shard: int, path: Path) -> np.ndarray | None:
+    def missing_shards(self) -> list[Path]:
+        """The shard files of a shards_required array that do not exist (cheap: one stat each)."""
+        if not self.shards_required:
+            return []
+        paths = [self.shard_path(z) for z in range(0, self.shape[0], self.shard_slices)]
+        return [p for p in paths if not p.is_file()]
+
+    def _index(self, fd: int, z: int, path: Path) -> np.ndarray:
         """(S, 2) uint64 (offset, nbytes) of the shard's chunks, checked against its crc32c."""
         stat = os.fstat(fd)
         version = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        shard = z // self.shard_slices
         cached = self._index_cache.get(shard)
         if cached is not None and cached[0] == version:
             return cached[1]
@@ -136,14 +182,14 @@ class ShardedSliceReader:
         n = self.shard_slices
         size = n * 16 + 4
         if stat.st_size < size:
-            raise ValueError(f"shard file {path} is {stat.st_size} bytes, shorter than its "
-                             f"{size}-byte index")
+            raise DamagedChunk(path, z, f"{stat.st_size} bytes, shorter than its {size}-byte index "
+                                        "(truncated file)")
         raw = os.pread(fd, size, stat.st_size - size)
         if len(raw) != size:
-            raise ValueError(f"shard file {path}: short read of its index")
+            raise DamagedChunk(path, z, "short read of its index")
         crc = int(np.frombuffer(raw[-4:], "<u4")[0])
         if google_crc32c.value(raw[:-4]) != crc:
-            raise ValueError(f"shard file {path}: index checksum mismatch (damaged file)")
+            raise DamagedChunk(path, z, "index checksum mismatch (damaged file)")
         index = np.frombuffer(raw[:-4], "<u8").reshape(n, 2)
         if len(self._index_cache) > 256:
             self._index_cache.clear()
@@ -152,28 +198,42 @@ class ShardedSliceReader:
 
     def read(self, z: int) -> np.ndarray:
         """Slice z as a (Y, X) array of the stored dtype; read-only (a view of the decoded bytes)
-        unless it is the fill value. Callers that write to it convert or copy it first."""
+        unless it is the fill value. Callers that write to it convert or copy it first.
+        Raises DamagedChunk when the slice cannot be read as written."""
         if not 0 <= z < self.shape[0]:
             raise IndexError(f"slice {z} out of range for {self.shape[0]} slices in {self.folder}")
         _, h, w = self.shape
         path = self.shard_path(z)
         try:
             fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:  # no chunk of this shard differs from the fill value
-            return np.full((h, w), self.fill_value, dtype=self.dtype)
+        except FileNotFoundError:
+            if self.shards_required:
+                raise DamagedChunk(path, z, "file is missing (deleted or never written)") from None
+            return np.full((h, w), self.fill_value, dtype=self.dtype)  # all-fill label shard
         try:
-            shard = z // self.shard_slices
-            offset, nbytes = self._index(fd, shard, path)[z % self.shard_slices]
+            offset, nbytes = self._index(fd, z, path)[z % self.shard_slices]
             if offset == _EMPTY and nbytes == _EMPTY:
                 return np.full((h, w), self.fill_value, dtype=self.dtype)
-            raw = os.pread(fd, int(nbytes), int(offset))
+            offset, nbytes = int(offset), int(nbytes)
+            # the trailing crc32c read on its own: slicing it off would copy the chunk
+            crc_bytes = 4 if self.checksummed and nbytes >= 4 else 0
+            raw = os.pread(fd, nbytes - crc_bytes, offset)
+            stored_crc = os.pread(fd, crc_bytes, offset + nbytes - crc_bytes) if crc_bytes else b""
         finally:
             os.close(fd)
-        if len(raw) != int(nbytes):
-            raise ValueError(f"shard file {path}: chunk of slice {z} runs past the end of the file")
-        data = self._decode(raw)
+        if len(raw) + len(stored_crc) != nbytes:
+            raise DamagedChunk(path, z, f"chunk of slice {z} runs past the end of the file")
+        if self.checksummed:
+            import google_crc32c
+
+            if not crc_bytes or google_crc32c.value(raw) != int.from_bytes(stored_crc, "little"):
+                raise DamagedChunk(path, z, f"chunk of slice {z} fails its crc32c checksum (damaged file)")
+        try:
+            data = self._decode(raw)
+        except Exception as exc:  # a damaged chunk of a store written before chunk checksums
+            raise DamagedChunk(path, z, f"chunk of slice {z} does not decode "
+                                        f"({type(exc).__name__}: {exc})") from exc
         expected = h * w * self.dtype.itemsize
         if len(data) != expected:
-            raise ValueError(f"shard file {path}: slice {z} decodes to {len(data)} bytes, "
-                             f"expected {expected}")
+            raise DamagedChunk(path, z, f"slice {z} decodes to {len(data)} bytes, expected {expected}")
         return np.frombuffer(data, dtype=self.dtype).reshape(h, w)

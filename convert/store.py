@@ -8,6 +8,11 @@ Layout of ``NAME.zarr`` (docs/store-format.md has the full description):
     slice_index.npz            the list of committed cases and their slices (see below)
     .writer.lock               held by the one process allowed to write
 
+Every chunk ends with a crc32c of its compressed bytes, and every image shard file is written
+(even one of all-0 slices), so a reader detects a flipped bit or a missing image shard on each
+read and raises a UserError naming the case, slice, file and the repair command
+(convert/repair.py). A label shard of all background may legitimately have no file.
+
 Axis order of every stored array is that of an axial DICOM: Z = slices ascending along the
 slice normal, Y = rows (anterior -> posterior), X = columns (patient right -> left).
 
@@ -108,11 +113,15 @@ def content_sha256(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
-def _compressors(codec: str):
+def _compressors(codec: str) -> list:
+    """The bytes-to-bytes codecs of each chunk: the compressor, then a crc32c of its output,
+    so that every read (shard_reader and zarr-python alike) detects a damaged chunk."""
     if codec not in CODECS:
         raise UserError(f"unknown codec {codec!r}: choose one of {', '.join(CODECS)}")
+    from zarr.codecs import Crc32cCodec
+
     if codec == "none":
-        return None
+        return [Crc32cCodec()]
     if codec == "lz4":
         import warnings
 
@@ -123,10 +132,10 @@ def _compressors(codec: str):
 
         with warnings.catch_warnings():  # "not in the Zarr v3 spec": known, recorded in attrs
             warnings.simplefilter("ignore")
-            return LZ4(acceleration=1)
+            return [LZ4(acceleration=1), Crc32cCodec()]
     from zarr.codecs import ZstdCodec
 
-    return ZstdCodec(level=3)
+    return [ZstdCodec(level=3), Crc32cCodec()]
 
 
 def _jsonable(value: Any) -> Any:
@@ -176,10 +185,10 @@ def write_case_arrays(
     full_attrs = _jsonable(dict(attrs))
     full_attrs["codec"] = codec
     full_attrs["content_sha256"] = content_sha256(data)
-    arr = root.create_array(
+    arr = root.create_array(  # every shard and chunk written: a missing shard file is damage
         f"images/{case_id}", shape=data.shape, dtype=data.dtype, chunks=(1, y, x),
         shards=(SHARD_SLICES, y, x), compressors=compressors, fill_value=0, overwrite=True,
-        attributes=full_attrs,
+        attributes=full_attrs, config={"write_empty_chunks": True},
     )
     arr[...] = data
     if labels is not None:
@@ -297,31 +306,69 @@ class CTStore:
         if arr is None:
             import warnings
 
-            with warnings.catch_warnings():  # lz4 stores: "numcodecs codec not in the v3 spec"
-                warnings.simplefilter("ignore")
-                arr = self.root[key]
+            try:
+                with warnings.catch_warnings():  # lz4 stores: "numcodecs codec not in the v3 spec"
+                    warnings.simplefilter("ignore")
+                    arr = self.root[key]
+            except Exception as exc:  # unparsable or missing zarr.json of the array or its group
+                raise self._metadata_error(key, exc) from exc
             self._arrays[key] = arr
         return arr
+
+    def _metadata_error(self, key: str, exc: Exception) -> UserError:
+        """UserError naming the first zarr.json on the way to array `key` that does not parse."""
+        import json
+
+        folder = self.path
+        for part in [""] + key.split("/"):
+            folder = folder / part if part else folder
+            meta = folder / "zarr.json"
+            try:
+                json.loads(meta.read_text())
+            except (OSError, ValueError) as why:
+                problem = f"{meta} is unreadable ({type(why).__name__}: {why})"
+                break
+        else:
+            problem = f"{self.path / key} cannot be opened ({type(exc).__name__}: {exc})"
+        case_id = key.split("/")[-1]
+        return UserError(f"store {self.path}: {problem}. Fix: convert case {case_id!r} again with "
+                         f"--overwrite: {self.repair_command(case_id)}")
+
+    def repair_command(self, case_id: str) -> str:
+        """The `tcsmae convert ... --overwrite` command that rewrites one case from its source."""
+        from .repair import repair_command
+
+        return repair_command(self.path, case_id)
+
+    def _reader(self, key: str):
+        """The direct shard reader of array `key`, or None (zarr-python fallback)."""
+        if key not in self._readers:
+            from .shard_reader import ShardedSliceReader
+
+            self._readers[key] = ShardedSliceReader.for_array(
+                self.path / key, shards_required=key.startswith("images/"))
+        return self._readers[key]
 
     def _read(self, key: str, z: int) -> np.ndarray:
         """Slice z of array `key` (stored dtype, possibly read-only): straight from the shard
         file (convert/shard_reader.py, ~4x faster) when the array has the store's layout,
-        else through zarr-python."""
-        if key not in self._readers:
-            from .shard_reader import ShardedSliceReader
-
-            self._readers[key] = ShardedSliceReader.for_array(self.path / key)
-        reader = self._readers[key]
-        if reader is None:
-            return np.asarray(self._array(key)[z])
-        return reader.read(z)
+        else through zarr-python. A missing image shard raises DamagedChunk either way."""
+        reader = self._reader(key)
+        if reader is not None:
+            return reader.read(z)
+        arr = self._array(key)
+        if key.startswith("images/"):
+            _check_chunk_files(self.path / key, arr, z)
+        return np.asarray(arr[z])
 
     def _check(self, case_id: str) -> None:
         if case_id not in self.case_ids:
             raise UserError(f"{self.path}: no case {case_id!r}; cases are listed by `tcsmae info {self.path}`")
 
     def image(self, case_id: str):
-        """zarr.Array (Z, Y, X) int16 or float32, Hounsfield units."""
+        """zarr.Array (Z, Y, X) int16 or float32, Hounsfield units. zarr-python checks chunk
+        checksums but reads a missing shard file as 0 HU: read data with read_slice or
+        read_volume, which treat that as damage."""
         self._check(case_id)
         return self._array(f"images/{case_id}")
 
@@ -339,18 +386,35 @@ class CTStore:
 
     def _read_checked(self, kind: str, case_id: str, z: int) -> np.ndarray:
         """Slice z of `kind`/<case_id> ("images" | "labels"); a damaged or missing file becomes a
-        UserError that names the case, the slice and the fix."""
+        UserError that names the case, the slice, the file and the fix."""
         try:
             return self._read(f"{kind}/{case_id}", z)
         except UserError:
             raise
         except Exception as exc:  # damaged chunk or shard, missing file
+            from .shard_reader import DamagedChunk
+
             what = "slice" if kind == "images" else "label slice"
+            problem = str(exc) if isinstance(exc, DamagedChunk) else f"{type(exc).__name__}: {exc}"
             raise UserError(
-                f"{self.path}: case {case_id!r} {what} {z} is unreadable ({type(exc).__name__}: "
-                f"{exc}); `tcsmae info {self.path} --verify` lists damaged cases; convert them "
-                "again with --overwrite"
+                f"{self.path}: case {case_id!r} {what} {z} is unreadable ({problem}). Fix: convert "
+                f"the case again with --overwrite: {self.repair_command(case_id)} "
+                f"(`tcsmae info {self.path} --verify` lists every damaged case)"
             ) from exc
+
+    def read_volume(self, case_id: str, labels: bool = False) -> np.ndarray:
+        """A whole case, slice by slice through the checked reader: (Z, Y, X) in the stored
+        dtype, int16 | float32 HU (labels=False) or uint8 | int32 label ids (labels=True).
+        Unlike `image(case_id)[...]` (zarr-python: a missing shard reads as 0 HU) every kind
+        of damage is a UserError naming the case, slice, file and fix."""
+        kind = "labels" if labels else "images"
+        arr = self.label(case_id) if labels else self.image(case_id)
+        if arr is None:
+            raise UserError(f"{self.path}: case {case_id!r} has no label map; convert it with --labels")
+        out = np.empty(arr.shape, dtype=arr.dtype)
+        for z in range(arr.shape[0]):
+            out[z] = self._read_checked(kind, case_id, z)
+        return out
 
     def read_slice(self, case_index: int, z: int) -> np.ndarray:
         """One slice as (Y, X) float32 Hounsfield units (int16 cases are widened)."""
@@ -368,6 +432,20 @@ class CTStore:
 
     def __repr__(self) -> str:
         return f"CTStore({str(self.path)!r}, cases={len(self.case_ids)}, slices={self.n_slices})"
+
+
+def _check_chunk_files(folder: Path, arr, z: int) -> None:
+    """Raise DamagedChunk when a chunk file holding slice z of a zarr-python-read image array
+    (a layout other than the store's) is missing: zarr would read it as fill values."""
+    from .shard_reader import DamagedChunk
+
+    cz, cy, cx = arr.metadata.chunk_grid.chunk_shape
+    _, y, x = arr.shape
+    for j in range(-(-y // cy)):
+        for i in range(-(-x // cx)):
+            path = folder / arr.metadata.encode_chunk_key((z // cz, j, i))
+            if not path.is_file():
+                raise DamagedChunk(path, z, "file is missing (deleted or never written)")
 
 
 def _check_group(path: Path, output: bool = False) -> None:
@@ -492,6 +570,29 @@ class StoreWriter:
     def case_attrs(self, case_id: str) -> dict:
         """The image attributes of a committed case (as CTStore.case_attrs)."""
         return open_store(self.path).case_attrs(case_id)
+
+    def damage(self, case_id: str) -> str | None:
+        """What is visibly broken in a committed case's files, or None: an unparsable zarr.json
+        or a missing image shard file. Cheap (a few stats), so that a re-run of the converter
+        rebuilds such a case instead of calling it up to date; damage inside a file is found by
+        reads and by `tcsmae info --verify`."""
+        import json
+
+        from .shard_reader import ShardedSliceReader
+
+        for group in ("images", "labels"):
+            meta = self.path / group / case_id / "zarr.json"
+            if group == "labels" and not meta.parent.exists():
+                continue
+            try:
+                json.loads(meta.read_text())
+            except (OSError, ValueError) as exc:
+                return f"{meta} is unreadable ({type(exc).__name__})"
+        reader = ShardedSliceReader.for_array(self.path / "images" / case_id, shards_required=True)
+        missing = reader.missing_shards() if reader is not None else []
+        if missing:
+            return f"{len(missing)} image shard file(s) missing, first {missing[0]}"
+        return None
 
     # -- changes
     def _clean_leftovers(self) -> None:

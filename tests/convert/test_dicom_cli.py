@@ -414,6 +414,18 @@ def test_nifti_given_to_the_dicom_converter_points_to_convert_nifti(tmp_path):
     assert result.kind == "junk" and "convert-nifti" in result.reason
 
 
+def test_rerun_rebuilds_a_case_whose_shard_file_is_missing(tmp_path, convert, two_series):
+    """After `rm STORE/images/<case>/c/0/0/0` a re-run said "up to date"."""
+    root, a, b = two_series
+    out_zarr = tmp_path / "s.zarr"
+    assert convert(root, "-o", out_zarr)[0] == 0
+    shard = out_zarr / "images" / uid(a) / "c" / "0" / "0" / "0"
+    shard.unlink()
+    code, out = convert(root, "-o", out_zarr)
+    assert code == 0 and ": 1 converted (" in out and ", 1 up to date" in out and "missing" in out, out
+    np.testing.assert_array_equal(open_store(out_zarr).read_slice(open_store(out_zarr).case_ids.index(uid(a)), 0), a.hu[0])
+
+
 def test_values_without_intercept_warn_no_air(tmp_path, convert):
     """Stored values taken as HU (intercept 0 instead of -1024): air at 0, tissue near 1000."""
     s = ct_series(n=4)

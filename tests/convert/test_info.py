@@ -1,11 +1,15 @@
-"""`tcsmae info`: summary table, --verify passes on a clean store and names a corrupted case."""
+"""`tcsmae info`: summary table, --verify passes on a clean store and names a corrupted case,
+its damaged shard file and the exact command that repairs it."""
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
+from dicom_factory import ct_series, phantom_hu, write_series
 
 from tcsmae.cli import main as cli
 from tcsmae.convert.store import StoreWriter
@@ -68,7 +72,7 @@ def test_verify_catches_a_corrupted_label_map(tmp_path, capsys):
     data[len(data) // 2] ^= 0x01
     shard.write_bytes(bytes(data))
     assert cli(["info", str(store), "--verify"]) == 1
-    assert "alpha: label content digest" in capsys.readouterr().out
+    assert "alpha: label slice" in capsys.readouterr().out  # its chunk's crc32c
 
 
 def test_info_on_a_missing_or_incomplete_store(tmp_path, capsys):
@@ -79,3 +83,66 @@ def test_info_on_a_missing_or_incomplete_store(tmp_path, capsys):
     (store / "slice_index.npz").unlink()
     assert cli(["info", str(store)]) == 2
     assert "incomplete" in capsys.readouterr().err
+
+
+def _repair_lines(out: str) -> dict[str, str]:
+    """case id -> the command printed under "to repair" by `info --verify`."""
+    part = out.split("to repair")[1]
+    lines = [line.strip() for line in part.splitlines()[1:] if line.strip()]
+    return {line.split(": ", 1)[0]: line.split(": ", 1)[1].strip("`") for line in lines}
+
+
+def _damage_and_repair(store: Path, case_id: str, capsys) -> str:
+    """Delete the case's first image shard, check what --verify says, run its repair command."""
+    shard = store / "images" / case_id / "c" / "0" / "0" / "0"
+    shard.unlink()
+    assert cli(["info", str(store), "--verify"]) == 1
+    out = capsys.readouterr().out
+    failed = out.split("verification FAILED:")[1]
+    assert f"{case_id}: image slices 0-" in failed and str(shard) in failed and "missing" in failed
+    command = _repair_lines(out)[case_id]
+    words = shlex.split(command)
+    assert words[0] == "tcsmae" and words[-3:] == ["-o", str(store), "--overwrite"]
+    assert cli(words[1:]) == 0
+    assert cli(["info", str(store), "--verify"]) == 0
+    capsys.readouterr()
+    return command
+
+
+def test_verify_gives_the_command_that_repairs_a_nifti_case(tmp_path, capsys):
+    """`info --verify` said only "image content digest ... != recorded ..." after a shard was
+    deleted, and a re-run of `convert` said "up to date"."""
+    hu = phantom_hu(6, 24, 20).transpose(2, 1, 0).astype(np.int16)  # (x, y, z) for NIfTI
+    nib.save(nib.Nifti1Image(hu, np.diag([0.8, 0.8, 2.5, 1.0])), tmp_path / "vol.nii.gz")
+    store = tmp_path / "s.zarr"
+    assert cli(["convert-nifti", str(tmp_path / "vol.nii.gz"), "--case-id", "chest1", "--patient-id", "P1",
+                "-o", str(store), "--no-progress"]) == 0
+    command = _damage_and_repair(store, "chest1", capsys)
+    assert command == (f"tcsmae convert-nifti {tmp_path / 'vol.nii.gz'} --case-id chest1 --patient-id P1 "
+                       f"-o {store} --overwrite")
+
+
+@pytest.mark.parametrize("extra", [[], ["--case-id", "ct_7"], ["--patient-id", "P9"]])
+def test_verify_gives_the_command_that_repairs_a_dicom_case(tmp_path, capsys, extra):
+    series = ct_series(n=5, seed=3)
+    write_series(series.datasets, tmp_path / "dicom" / "one")
+    store = tmp_path / "s.zarr"
+    assert cli(["convert", str(tmp_path / "dicom" / "one"), "-o", str(store), "--workers", "1", *extra]) == 0
+    case_id = "ct_7" if extra[:1] == ["--case-id"] else series.datasets[0].SeriesInstanceUID
+    command = _damage_and_repair(store, case_id, capsys)
+    assert command == f"tcsmae convert {tmp_path / 'dicom' / 'one'} {' '.join(extra)} -o {store} --overwrite".replace("  ", " ")
+
+
+def test_verify_names_the_shard_of_a_damaged_index(tmp_path, capsys):
+    """--verify printed only zarr's "Stored and computed checksum do not match. Stored: b']\\xe5&/'"."""
+    store = tmp_path / "s.zarr"
+    _make_store(store, "zstd")
+    shard = store / "images" / "beta" / "c" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF  # inside the shard index
+    shard.write_bytes(bytes(data))
+    assert cli(["info", str(store), "--verify"]) == 1
+    out = capsys.readouterr().out
+    assert "Stored and computed" not in out
+    assert f"beta: image slices 0-5: shard file {shard}: index checksum mismatch" in out
+    assert "--overwrite" in _repair_lines(out)["beta"]

@@ -52,6 +52,19 @@ def test_values_without_intercept_warn_no_air(tmp_path):
                for w in warnings), warnings
 
 
+def test_rerun_rebuilds_a_case_whose_shard_file_is_missing(shared_data, tmp_path, capsys):
+    out = tmp_path / "s.zarr"
+    src = str(shared_data / "totalseg-ct-small.nii.gz")
+    assert cli(["convert-nifti", src, "-o", str(out), "--no-progress"]) == 0
+    shard = out / "images" / "totalseg-ct-small" / "c" / "0" / "0" / "0"
+    shard.unlink()
+    capsys.readouterr()
+    assert cli(["convert-nifti", src, "-o", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr()
+    assert "1 converted" in printed.out and "missing" in printed.err
+    assert shard.is_file() and cli(["info", str(out), "--verify"]) == 0
+
+
 def test_real_volume_hu_equal_nibabel_after_reorientation(real_store, shared_data):
     img = nib.load(shared_data / "totalseg-ct-small.nii.gz")
     assert nib.aff2axcodes(img.affine) == ("R", "A", "S")  # premise of _ras_to_store

@@ -1,5 +1,6 @@
 """The direct shard reader equals zarr-python on every codec, dtype and empty chunk; it
-falls back to zarr for foreign layouts and turns damage into the store's UserError."""
+falls back to zarr for foreign layouts and turns damage (a flipped bit, a missing image
+shard) into the store's UserError; stores written before chunk checksums stay readable."""
 
 from __future__ import annotations
 
@@ -85,10 +86,10 @@ def test_damaged_index_or_chunk_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match=r"case 'a' slice 2 is unreadable.*checksum.*--overwrite"):
         open_store(path).read_slice(0, 2)
     damaged_chunk = bytearray(good)
-    damaged_chunk[5:40] = b"\0" * 35  # inside slice 1's zstd frame (slice 0 is empty)
+    damaged_chunk[5:40] = b"\0" * 35  # inside slice 0's zstd frame
     shard.write_bytes(bytes(damaged_chunk))
-    with pytest.raises(UserError, match=r"case 'a' slice 1 is unreadable"):
-        open_store(path).read_slice(0, 1)
+    with pytest.raises(UserError, match=r"case 'a' slice 0 is unreadable"):
+        open_store(path).read_slice(0, 0)
 
 
 def test_rewritten_case_is_read_anew(tmp_path):
@@ -103,3 +104,129 @@ def test_rewritten_case_is_read_anew(tmp_path):
     with StoreWriter(path) as w:
         w.write_case("a", second, {"source_sha256": "2"})
     np.testing.assert_array_equal(store.read_slice(0, 1), second[1])
+
+
+def _shard(path, case_id: str, group: str = "images", shard: int = 0):
+    return path / group / case_id / "c" / str(shard) / "0" / "0"
+
+
+def _chunk_span(shard_file, z: int) -> tuple[int, int]:
+    """(offset, nbytes) of slice z's chunk in a shard file, from its index (64 x 2 uint64 + crc)."""
+    raw = shard_file.read_bytes()
+    index = np.frombuffer(raw[-(64 * 16 + 4):-4], "<u8").reshape(64, 2)
+    return int(index[z % 64, 0]), int(index[z % 64, 1])
+
+
+def test_missing_image_shard_is_damage_but_a_missing_label_shard_is_background(tmp_path):
+    """rm images/<case>/c/0/0/0 read as 0 HU and training went on; a label shard that is all
+    background is legitimately not written and reads as zeros."""
+    path = tmp_path / "s.zarr"
+    hu = _volume(70, "int16", 8)
+    labels = np.zeros(hu.shape, np.uint8)
+    labels[66] = 3
+    with StoreWriter(path) as w:
+        w.write_case("a", hu, {"source_sha256": "1"}, labels)
+    assert not _shard(path, "a", "labels").exists()
+    store = open_store(path)
+    np.testing.assert_array_equal(store.read_label_slice(0, 5), 0)
+    shard = _shard(path, "a")
+    shard.unlink()
+    with pytest.raises(UserError) as exc:
+        open_store(path).read_slice(0, 5)
+    message = str(exc.value)
+    assert "case 'a' slice 5 is unreadable" in message and str(shard) in message and "missing" in message
+    assert "tcsmae convert" in message and "--overwrite" in message
+    np.testing.assert_array_equal(open_store(path).read_slice(0, 66), hu[66])  # the other shard
+    with pytest.raises(UserError, match=r"case 'a' slice 0 is unreadable.*missing"):
+        open_store(path).read_volume("a")
+    np.testing.assert_array_equal(open_store(path).read_volume("a", labels=True), labels)
+
+
+def test_missing_chunk_file_of_a_foreign_image_layout_is_damage(tmp_path):
+    import zarr
+
+    path = tmp_path / "s.zarr"
+    hu = _volume(4, "int16", 9)
+    with StoreWriter(path) as w:
+        w.write_case("a", hu, {"source_sha256": "1"})
+    root = zarr.open_group(str(path), mode="a")  # unsharded, read through zarr-python
+    root.create_array("images/a", shape=hu.shape, dtype=np.int16, chunks=(2, 16, 12),
+                      overwrite=True)[...] = hu.astype(np.int16)
+    chunk = path / "images" / "a" / "c" / "1" / "0" / "0"
+    chunk.unlink()
+    store = open_store(path)
+    np.testing.assert_array_equal(store.read_slice(0, 1), hu[1])
+    with pytest.raises(UserError, match=r"case 'a' slice 3 is unreadable.*c/1/0/0.*missing.*--overwrite"):
+        store.read_slice(0, 3)
+
+
+def test_all_zero_image_shard_is_still_written(tmp_path):
+    """So that a missing image shard file is never legitimate."""
+    path = tmp_path / "s.zarr"
+    hu = _volume(70, "int16", 10)
+    hu[:64] = 0
+    with StoreWriter(path) as w:
+        w.write_case("a", hu, {"source_sha256": "1"})
+    assert _shard(path, "a").is_file()
+    np.testing.assert_array_equal(open_store(path).read_slice(0, 3), 0)
+
+
+@pytest.mark.parametrize("codec", ["zstd", "lz4", "none"])
+def test_flipped_bit_in_a_chunk_fails_its_checksum_on_every_read(tmp_path, codec):
+    """One flipped bit in a zstd chunk changed a slice by 32776 HU and pretraining ran on."""
+    import warnings
+
+    import zarr
+
+    path = tmp_path / "s.zarr"
+    hu = _volume(4, "int16", 11)
+    with StoreWriter(path, codec=codec) as w:
+        w.write_case("a", hu, {"source_sha256": "1"})
+    shard = _shard(path, "a")
+    offset, nbytes = _chunk_span(shard, 2)
+    data = bytearray(shard.read_bytes())
+    data[offset + nbytes // 2] ^= 0x04
+    shard.write_bytes(bytes(data))
+    store = open_store(path)
+    with pytest.raises(UserError) as exc:
+        store.read_slice(0, 2)
+    message = str(exc.value)
+    assert "case 'a' slice 2 is unreadable" in message and "crc32c" in message and str(shard) in message
+    assert "--overwrite" in message
+    np.testing.assert_array_equal(store.read_slice(0, 1), hu[1])  # its neighbours are intact
+    with pytest.raises(ValueError, match="checksum"), warnings.catch_warnings():  # zarr checks it too
+        warnings.simplefilter("ignore")  # lz4: "not in the Zarr v3 spec"
+        zarr.open_array(str(path / "images" / "a"), mode="r")[2]
+
+
+@pytest.mark.parametrize("codec", ["zstd", "lz4", "none"])
+def test_stores_written_before_chunk_checksums_stay_readable(tmp_path, codec):
+    """The previous writer: no crc32c after the compressor, all-fill shards not written."""
+    import warnings
+
+    import zarr
+    from zarr.codecs import ZstdCodec
+
+    from tcsmae.convert import store as store_module
+
+    path = tmp_path / "s.zarr"
+    hu = _volume(70, "int16", 12).astype(np.int16)
+    labels = np.zeros(hu.shape, np.uint8)
+    with StoreWriter(path, codec=codec) as w:
+        w.write_case("a", hu, {"source_sha256": "1"}, labels)
+    old_chain = {"zstd": ZstdCodec(level=3), "none": None}.get(codec)
+    if codec == "lz4":
+        old_chain = store_module._compressors("lz4")[0]
+    root = zarr.open_group(str(path), mode="a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for group, data in (("images", hu), ("labels", labels)):
+            root.create_array(f"{group}/a", shape=data.shape, dtype=data.dtype, chunks=(1, 16, 12),
+                              shards=(64, 16, 12), compressors=old_chain, fill_value=0,
+                              overwrite=True)[...] = data
+    reader = ShardedSliceReader.for_array(path / "images" / "a", shards_required=True)
+    assert reader is not None and not reader.checksummed
+    store = open_store(path)
+    for z in (0, 1, 65, 69):
+        np.testing.assert_array_equal(store.read_slice(0, z), hu[z])
+        np.testing.assert_array_equal(store.read_label_slice(0, z), 0)

@@ -7,6 +7,7 @@ import pickle
 import numpy as np
 import pytest
 
+from tcsmae.cli import main as cli
 from tcsmae.convert.store import (
     INDEX_FILE, StoreWriter, body_fraction, content_sha256, open_store, storage_dtype,
     write_case_arrays,
@@ -33,6 +34,8 @@ def test_round_trip_dtype_attrs_and_index(tmp_path):
     np.testing.assert_array_equal(store.image("a")[:], hu_int)
     np.testing.assert_array_equal(store.read_slice(1, 3), hu_float[3].astype(np.float32))
     np.testing.assert_array_equal(store.read_label_slice(0, 69), labels[69])
+    np.testing.assert_array_equal(store.read_volume("a"), hu_int)
+    assert store.read_volume("a").dtype == np.int16 and store.read_volume("a", labels=True).dtype == np.uint8
     assert store.read_slice(0, 0).dtype == np.float32
     assert store.n_slices == 74
     np.testing.assert_array_equal(store.slice_z[:3], [0, 1, 2])
@@ -147,6 +150,27 @@ def test_damaged_index_or_chunk_is_a_user_error_naming_the_fix(tmp_path):
     (path / INDEX_FILE).write_text("not an index")
     with pytest.raises(UserError, match="unreadable.*delete"):
         open_store(path)
+
+
+@pytest.mark.parametrize("group", ["images", "labels"])
+def test_broken_array_metadata_is_a_user_error_naming_the_file(tmp_path, capsys, group):
+    """A broken array zarr.json gave a JSONDecodeError traceback in `info` and `pretrain`."""
+    path = tmp_path / "s.zarr"
+    with StoreWriter(path) as w:
+        w.write_case("a", _hu(), {"source_sha256": "x"}, labels=np.zeros((5, 16, 12), np.uint8))
+    meta = path / group / "a" / "zarr.json"
+    meta.write_text(meta.read_text()[:40])
+    store = open_store(path)
+    with pytest.raises(UserError) as exc:
+        store.image("a") if group == "images" else store.label("a")
+    assert str(meta) in str(exc.value) and "--overwrite" in str(exc.value)
+    with pytest.raises(UserError, match="zarr.json"):
+        store.read_slice(0, 1) if group == "images" else store.read_label_slice(0, 1)
+    assert cli(["info", str(path), "--verify"]) in (1, 2)
+    printed = capsys.readouterr()
+    assert str(meta) in printed.out + printed.err and "Traceback" not in printed.err
+    with StoreWriter(path) as w:  # a re-run of the converter rebuilds the case
+        assert "unreadable" in w.damage("a")
 
 
 def test_no_air_warning_for_values_that_are_not_hu():
