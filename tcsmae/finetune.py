@@ -114,7 +114,7 @@ def finetune(data: str | Path, out: str | Path, cfg: FinetuneConfig) -> dict:
         warnings.warn(f"{len(unlabelled)} case(s) without labels are left out: {unlabelled[:5]}", stacklevel=2)
     present = set()
     for c in labelled:
-        present.update(np.unique(store.label(c)[...]).tolist())
+        present.update(np.unique(store.read_volume(c, labels=True)).tolist())
     for msg in check_against_ids(label_map, present, str(data)):
         warnings.warn(msg, stacklevel=2)
     attrs = {c: store.case_attrs(c) for c in labelled}

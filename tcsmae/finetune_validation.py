@@ -40,7 +40,7 @@ class Validator:
         """(Z, Y, X) uint8 class map of the stored labels (cached while under the budget)."""
         if case_id in self._refs:
             return self._refs[case_id]
-        ref = self.label_map.to_classes(self.store.label(case_id)[:]).astype(np.uint8)
+        ref = self.label_map.to_classes(self.store.read_volume(case_id, labels=True)).astype(np.uint8)
         if self._cached_bytes + ref.nbytes <= self.cache_bytes:
             self._refs[case_id] = ref
             self._cached_bytes += ref.nbytes
@@ -52,7 +52,7 @@ class Validator:
 
         if case_id in self._inputs:
             return self._inputs[case_id]
-        images = volume_input(self.store.image(case_id), self.cfg.pipeline)
+        images = volume_input(self.store.read_volume(case_id), self.cfg.pipeline)
         if self._cached_bytes + images.nbytes <= self.cache_bytes:
             self._inputs[case_id] = images
             self._cached_bytes += images.nbytes

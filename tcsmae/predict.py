@@ -95,7 +95,7 @@ def predict_store(model, meta: dict, store_path: Path, out: Path, device="cpu", 
     model = model.to(device)
     written = []
     for case_id in tqdm(chosen, desc="predict", unit="case"):
-        classes = segment_volume(model, store.image(case_id), cfg, device, batch_size,
+        classes = segment_volume(model, store.read_volume(case_id), cfg, device, batch_size,
                                  threshold=meta.get("threshold", 0.5))
         img = store_to_nifti(classes.astype(np.uint8), store.case_attrs(case_id), dtype=np.uint8)
         path = out / f"{case_id}.nii.gz"

@@ -98,6 +98,17 @@ def test_lungs_train_equals_val_and_predict_nifti(stores, shared_data, capsys):
     classes = json.loads((pred_dir / "classes.json").read_text())
     assert classes["1"] == {"name": "lung", "stored_ids": LUNG_IDS}
 
+    # a store that lost an image shard: an error with the repair, not a prediction on 0 HU
+    import shutil
+
+    damaged = stores["root"] / "damaged.zarr"
+    shutil.copytree(stores["root"] / "nifti.zarr", damaged)
+    next((damaged / "images").glob("*/c/0/0/0")).unlink()
+    capsys.readouterr()
+    assert main(["predict", "--weights", str(out_dir / "fold_0" / "finetuned.pt"), "--data", str(damaged),
+                 "-o", str(stores["root"] / "pred-damaged"), "--device", "cpu"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
 
 def test_liver_both_volumes_train_equals_val_and_predict_dicom(stores, shared_data):
     results = _finetune(stores, "both", "liver", "liver1", "--folds", "1", "--epochs", "8")
