@@ -22,7 +22,7 @@ from pathlib import Path
 
 HELP = "pretrain the TCS-MAE U-Net (paired masked/original reconstruction + tissue contrast)"
 
-PHANTOM_VERSION = "phantom-v1"
+PHANTOM_VERSION = "phantom-v2"  # v2: stores with chunk checksums (store-format.md)
 PHANTOM_CASES, PHANTOM_SLICES, PHANTOM_SIZE = 16, 32, 256
 
 

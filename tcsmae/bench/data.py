@@ -10,7 +10,7 @@ from pathlib import Path
 from tcsmae.bench.config import BenchConfig
 from tcsmae.errors import UserError
 
-PHANTOM_VERSION = "bench-phantom-v1"
+PHANTOM_VERSION = "bench-phantom-v2"  # v2: stores with chunk checksums
 
 
 def _cache_root() -> Path:
