@@ -16,10 +16,12 @@ reader does only what the store format (docs/store-format.md) needs:
    as the fill value.
 
 A missing shard file means "every slice of it equals the fill value" to Zarr. For a label
-map that is plain background; for a CT image it never happens (64 slices of exactly 0 HU),
-and the writer stores every image shard, so a reader made with `shards_required=True`
-(images) treats a missing shard as damage. Damage of any kind raises `DamagedChunk`
-naming the file and the slice.
+map that is plain background. The writer of the checksummed format (chunk chains ending in
+crc32c) stores every image shard, so for those arrays a reader made with
+`shards_required=True` (images) treats a missing shard as damage; the writer before it
+skipped all-0 image shards (a zero-padded partial last shard), so in an array without chunk
+checksums a missing shard still reads as the fill value (`missing_shard_is_damage`).
+Damage of any kind raises `DamagedChunk` naming the file and the slice.
 
 Arrays whose metadata is not this layout (another writer's sharding, a transposed or
 big-endian codec chain) get no reader (`ShardedSliceReader.for_array` returns None) and
@@ -80,6 +82,28 @@ def _has_crc32c(codecs: list[dict]) -> bool:
     return bool(codecs) and codecs[-1].get("name") == "crc32c"
 
 
+def chunk_codecs(meta: dict) -> list[dict]:
+    """The codec chain applied to each chunk of a Zarr v3 array, from its zarr.json `meta`:
+    the sharding codec's inner chain for a sharded array, else the array's chain."""
+    codecs = meta.get("codecs") or []
+    if len(codecs) == 1 and codecs[0].get("name") == "sharding_indexed":
+        return list(codecs[0].get("configuration", {}).get("codecs") or [])
+    return list(codecs)
+
+
+def missing_shard_is_damage(meta: dict) -> bool:
+    """Whether a missing shard (or chunk) file of an image array with zarr.json `meta` is damage.
+
+    Both changes came with the checksummed store format: chunk chains ending in crc32c, and
+    every image shard written (even 64 slices of 0). Arrays written before have no crc32c and
+    no file for an all-0 shard (a zero-padded partial last shard), which reads as the fill value.
+    """
+    try:
+        return _has_crc32c(chunk_codecs(meta))
+    except AttributeError:  # not a zarr.json of the usual shape
+        return False
+
+
 def _payload_codecs(codecs: list[dict]) -> list[dict]:
     """The chain without its trailing crc32c (checked by the reader itself)."""
     return codecs[:-1] if _has_crc32c(codecs) else codecs
@@ -89,7 +113,8 @@ class ShardedSliceReader:
     """Slice reads from one sharded (Z, Y, X) array of a tcsmae store.
 
     read(z) -> (Y, X) array of the stored dtype (int16 | float32 HU, uint8 | int32 label ids).
-    shards_required: a missing shard file is damage (image arrays), not all-fill slices.
+    shards_required: a missing shard file is damage, not all-fill slices (image arrays of the
+    checksummed format; `for_array` clears it for arrays written before, see the module doc).
     Picklable: it holds only the folder, the layout and a cache of shard indexes.
     """
 
@@ -124,7 +149,10 @@ class ShardedSliceReader:
         """A reader for the array in `folder` (its zarr.json), or None when its layout is not
         the store format's: (Z, Y, X), shards of (S, Y, X) holding chunks of (1, Y, X), index
         at the end protected by crc32c, a little-endian bytes codec plus zstd, lz4 or nothing,
-        optionally followed by crc32c."""
+        optionally followed by crc32c.
+
+        shards_required: the caller's wish (image arrays); kept only when the chunk chain ends
+        in crc32c (`missing_shard_is_damage`)."""
         folder = Path(folder)
         try:
             meta = json.loads((folder / "zarr.json").read_text())
@@ -155,7 +183,7 @@ class ShardedSliceReader:
                 or _decompressor(_payload_codecs(codecs)) is None):
             return None
         return cls(folder, shape, dtype, shard_shape[0], codecs, fill_value, separator,
-                   shards_required)
+                   shards_required and _has_crc32c(codecs))
 
     def shard_path(self, z: int) -> Path:
         """The shard file holding slice z (Zarr writes no file for an all-fill label shard)."""

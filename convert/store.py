@@ -11,7 +11,8 @@ Layout of ``NAME.zarr`` (docs/store-format.md has the full description):
 Every chunk ends with a crc32c of its compressed bytes, and every image shard file is written
 (even one of all-0 slices), so a reader detects a flipped bit or a missing image shard on each
 read and raises a UserError naming the case, slice, file and the repair command
-(convert/repair.py). A label shard of all background may legitimately have no file.
+(convert/repair.py). A label shard of all background may legitimately have no file, and so
+may an all-0 image shard of an array written before chunk checksums (no crc32c in its chain).
 
 Axis order of every stored array is that of an axial DICOM: Z = slices ascending along the
 slice normal, Y = rows (anterior -> posterior), X = columns (patient right -> left).
@@ -281,12 +282,14 @@ class CTStore:
         self._root = None
         self._arrays: dict[str, Any] = {}
         self._readers: dict[str, Any] = {}
+        self._files_required: dict[str, bool] = {}
 
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_root"] = None
         state["_arrays"] = {}
         state["_readers"] = {}
+        state["_files_required"] = {}
         return state
 
     @property
@@ -352,14 +355,15 @@ class CTStore:
     def _read(self, key: str, z: int) -> np.ndarray:
         """Slice z of array `key` (stored dtype, possibly read-only): straight from the shard
         file (convert/shard_reader.py, ~4x faster) when the array has the store's layout,
-        else through zarr-python. A missing image shard raises DamagedChunk either way."""
+        else through zarr-python. Either way damage raises DamagedChunk naming the file: a
+        failed checksum, and a missing image shard of an array with chunk checksums."""
         reader = self._reader(key)
         if reader is not None:
             return reader.read(z)
         arr = self._array(key)
-        if key.startswith("images/"):
-            _check_chunk_files(self.path / key, arr, z)
-        return np.asarray(arr[z])
+        if key not in self._files_required:
+            self._files_required[key] = key.startswith("images/") and _chunks_checksummed(self.path / key)
+        return _read_with_zarr(self.path / key, arr, z, self._files_required[key])
 
     def _check(self, case_id: str) -> None:
         if case_id not in self.case_ids:
@@ -367,8 +371,8 @@ class CTStore:
 
     def image(self, case_id: str):
         """zarr.Array (Z, Y, X) int16 or float32, Hounsfield units. zarr-python checks chunk
-        checksums but reads a missing shard file as 0 HU: read data with read_slice or
-        read_volume, which treat that as damage."""
+        checksums but reads a missing shard file as 0 HU and names no file: read data with
+        read_slice or read_volume, which treat that as damage and name the file."""
         self._check(case_id)
         return self._array(f"images/{case_id}")
 
@@ -434,18 +438,42 @@ class CTStore:
         return f"CTStore({str(self.path)!r}, cases={len(self.case_ids)}, slices={self.n_slices})"
 
 
-def _check_chunk_files(folder: Path, arr, z: int) -> None:
-    """Raise DamagedChunk when a chunk file holding slice z of a zarr-python-read image array
-    (a layout other than the store's) is missing: zarr would read it as fill values."""
+def _chunks_checksummed(folder: Path) -> bool:
+    """Whether the array in `folder` has the checksummed format's chunk chain (ending in crc32c),
+    in which a missing image chunk or shard file is damage (shard_reader.missing_shard_is_damage)."""
+    import json
+
+    from .shard_reader import missing_shard_is_damage
+
+    try:
+        return missing_shard_is_damage(json.loads((folder / "zarr.json").read_text()))
+    except (OSError, ValueError):
+        return False
+
+
+def _read_with_zarr(folder: Path, arr, z: int, files_required: bool) -> np.ndarray:
+    """Slice z of an array of a layout other than the store's, through zarr-python.
+
+    zarr reads a missing chunk (or shard) file as fill values, and reports a failed checksum
+    without naming the file: both become DamagedChunk naming the file holding slice z (a
+    missing one only when files_required: image arrays with chunk checksums)."""
     from .shard_reader import DamagedChunk
 
     cz, cy, cx = arr.metadata.chunk_grid.chunk_shape
     _, y, x = arr.shape
-    for j in range(-(-y // cy)):
-        for i in range(-(-x // cx)):
-            path = folder / arr.metadata.encode_chunk_key((z // cz, j, i))
+    files = [folder / arr.metadata.encode_chunk_key((z // cz, j, i))
+             for j in range(-(-y // cy)) for i in range(-(-x // cx))]
+    if files_required:
+        for path in files:
             if not path.is_file():
                 raise DamagedChunk(path, z, "file is missing (deleted or never written)")
+    try:
+        return np.asarray(arr[z])
+    except Exception as exc:  # zarr: "Stored and computed checksum do not match", a bad frame
+        where = files[0] if len(files) == 1 else folder
+        what = ("fails its crc32c checksum (damaged file)" if "checksum" in str(exc).lower()
+                else "cannot be read")
+        raise DamagedChunk(where, z, f"slice {z} {what} (zarr: {type(exc).__name__}: {exc})") from exc
 
 
 def _check_group(path: Path, output: bool = False) -> None:

@@ -142,22 +142,59 @@ def test_missing_image_shard_is_damage_but_a_missing_label_shard_is_background(t
     np.testing.assert_array_equal(open_store(path).read_volume("a", labels=True), labels)
 
 
-def test_missing_chunk_file_of_a_foreign_image_layout_is_damage(tmp_path):
+def _foreign_image(path, hu, checksummed: bool) -> None:
+    """Replace images/a by the same data unsharded (read through zarr-python), with or without
+    a crc32c after zstd."""
     import zarr
+    from zarr.codecs import Crc32cCodec, ZstdCodec
 
+    root = zarr.open_group(str(path), mode="a")
+    chain = [ZstdCodec(level=3), Crc32cCodec()] if checksummed else [ZstdCodec(level=3)]
+    root.create_array("images/a", shape=hu.shape, dtype=np.int16, chunks=(2, 16, 12), compressors=chain,
+                      overwrite=True)[...] = hu.astype(np.int16)
+
+
+def test_missing_chunk_file_of_a_foreign_image_layout_is_damage(tmp_path):
     path = tmp_path / "s.zarr"
     hu = _volume(4, "int16", 9)
     with StoreWriter(path) as w:
         w.write_case("a", hu, {"source_sha256": "1"})
-    root = zarr.open_group(str(path), mode="a")  # unsharded, read through zarr-python
-    root.create_array("images/a", shape=hu.shape, dtype=np.int16, chunks=(2, 16, 12),
-                      overwrite=True)[...] = hu.astype(np.int16)
+    _foreign_image(path, hu, checksummed=True)
     chunk = path / "images" / "a" / "c" / "1" / "0" / "0"
     chunk.unlink()
     store = open_store(path)
     np.testing.assert_array_equal(store.read_slice(0, 1), hu[1])
     with pytest.raises(UserError, match=r"case 'a' slice 3 is unreadable.*c/1/0/0.*missing.*--overwrite"):
         store.read_slice(0, 3)
+
+
+def test_missing_chunk_file_of_a_foreign_layout_without_checksums_reads_as_fill(tmp_path):
+    """As zarr reads it: only the checksummed format writes every image chunk."""
+    path = tmp_path / "s.zarr"
+    hu = _volume(4, "int16", 9)
+    with StoreWriter(path) as w:
+        w.write_case("a", hu, {"source_sha256": "1"})
+    _foreign_image(path, hu, checksummed=False)
+    (path / "images" / "a" / "c" / "1" / "0" / "0").unlink()
+    np.testing.assert_array_equal(open_store(path).read_slice(0, 3), 0)
+
+
+def test_checksum_failure_on_the_zarr_path_names_case_slice_file_and_fix(tmp_path):
+    """zarr-python's bare "Stored and computed checksum do not match" named no file."""
+    path = tmp_path / "s.zarr"
+    hu = _volume(4, "int16", 9)
+    with StoreWriter(path) as w:
+        w.write_case("a", hu, {"source_sha256": "1"})
+    _foreign_image(path, hu, checksummed=True)
+    chunk = path / "images" / "a" / "c" / "1" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(UserError) as exc:
+        open_store(path).read_slice(0, 2)
+    message = str(exc.value)
+    assert "case 'a' slice 2 is unreadable" in message and str(chunk) in message, message
+    assert "crc32c checksum" in message and "tcsmae convert" in message and "--overwrite" in message
 
 
 def test_all_zero_image_shard_is_still_written(tmp_path):
@@ -230,3 +267,35 @@ def test_stores_written_before_chunk_checksums_stay_readable(tmp_path, codec):
     for z in (0, 1, 65, 69):
         np.testing.assert_array_equal(store.read_slice(0, z), hu[z])
         np.testing.assert_array_equal(store.read_label_slice(0, z), 0)
+
+
+def test_missing_all_zero_shard_of_a_store_written_before_checksums_is_no_damage(tmp_path):
+    """The previous writer skipped image shards whose slices were all 0 (a zero-padded partial
+    last shard): reads, the converter's damage check and --verify called that damage."""
+    import warnings
+
+    import zarr
+    from zarr.codecs import ZstdCodec
+
+    from tcsmae.cli import main as cli
+    from tcsmae.convert.store import content_sha256
+
+    path = tmp_path / "s.zarr"
+    hu = _volume(70, "int16", 13).astype(np.int16)
+    hu[64:] = 0  # the padded partial last shard
+    with StoreWriter(path) as w:
+        w.write_case("a", hu, {"source_sha256": "1"})
+    attrs = dict(open_store(path).case_attrs("a"))
+    root = zarr.open_group(str(path), mode="a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        root.create_array("images/a", shape=hu.shape, dtype=hu.dtype, chunks=(1, 16, 12), shards=(64, 16, 12),
+                          compressors=ZstdCodec(level=3), fill_value=0, overwrite=True,
+                          attributes=attrs)[...] = hu  # the old writer: no write_empty_chunks
+    assert not _shard(path, "a", shard=1).exists() and attrs["content_sha256"] == content_sha256(hu)
+    store = open_store(path)
+    np.testing.assert_array_equal(store.read_slice(0, 66), 0)
+    np.testing.assert_array_equal(store.read_volume("a"), hu)
+    with StoreWriter(path) as w:
+        assert w.damage("a") is None
+    assert cli(["info", str(path), "--verify"]) == 0
