@@ -8,7 +8,8 @@ disk = sum of the file sizes under the store folder).
 (shard index and chunk crc32c, a missing image shard is damage) and checks
 - the content digest recorded at write time (`content_sha256` attribute: sha256 of the
   array's C-order bytes in the stored dtype) of each image and label array;
-- that the slice index agrees with the arrays (slice count and body fraction per slice).
+- that the slice index agrees with the arrays (slice count and body fraction per slice);
+- that the group files images/zarr.json and labels/zarr.json parse (a writer needs them).
 A case that fails (damaged or missing shard file, digest mismatch, index disagreement) is
 named with the file and slices concerned, followed by the command that rewrites it
 (`tcsmae convert ... --overwrite`); the exit code is then 1. Arrays without a recorded
@@ -175,11 +176,12 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from tqdm import tqdm
 
-    from tcsmae.convert.store import open_store
+    from tcsmae.convert.store import broken_group_files, open_store
 
     store = open_store(args.store)
     rows = describe(store)
     checks: dict[str, CaseCheck] = {}
+    store_problems = broken_group_files(store.path) if args.verify else []
     if args.verify:
         no_bar = True if len(store.case_ids) < 2 else None  # None: no bar in logs (not a TTY), as `tcsmae convert`
         for i, cid in enumerate(tqdm(store.case_ids, desc="verify", unit="case", disable=no_bar)):
@@ -217,15 +219,19 @@ def run(args) -> int:
     if not args.verify:
         return 0
     failed = [c for c in checks.values() if not c.ok]
-    if failed:
+    if failed or store_problems:
         print("\nverification FAILED:")
+        for p in store_problems:
+            print(f"  store: {p}")
         for c in failed:
             for p in c.problems:
                 print(f"  {c.case_id}: {p}")
+    if failed:
         print("\nto repair, convert each damaged case again from its source with --overwrite "
-              "(without it a re-run keeps a case whose source is unchanged):")
+              "(without it a re-run never rebuilds a case whose source is unchanged):")
         for c in failed:
             print(f"  {c.case_id}: {store.repair_command(c.case_id)}")
+    if failed or store_problems:
         return 1
     print(f"verified: every chunk of {len(checks)} cases read, digests and slice index match")
     return 0

@@ -503,6 +503,33 @@ def _check_group(path: Path, output: bool = False) -> None:
         )
 
 
+GROUP_FILE = '{"zarr_format": 3, "node_type": "group", "attributes": {}}'
+"""The whole content of the group files images/zarr.json and labels/zarr.json."""
+
+
+def broken_group_files(path: Path) -> list[str]:
+    """One message per damaged group file of a store (images/zarr.json, labels/zarr.json:
+    missing while its folder exists, not JSON, or not a group), naming the file and the fix.
+    Opening an array does not read them, but zarr does when a writer adds a case."""
+    import json
+
+    problems = []
+    for name in ("images", "labels"):
+        meta = path / name / "zarr.json"
+        if not meta.parent.is_dir():
+            continue
+        try:
+            node = json.loads(meta.read_text())
+            why = None if isinstance(node, dict) and node.get("node_type") == "group" else "not a Zarr group"
+        except (OSError, ValueError) as exc:
+            why = f"{type(exc).__name__}: {exc}"
+        if why is not None:
+            problems.append(f"{meta} is unreadable ({why}). It is the group file of the store's {name} and "
+                            f"holds no data: fix it by writing {GROUP_FILE} into it (the arrays under "
+                            f"{meta.parent} are not affected)")
+    return problems
+
+
 def open_store(path: str | os.PathLike) -> CTStore:
     """Open a committed store for reading; UserError if missing, foreign or incomplete."""
     path = Path(path)
@@ -548,6 +575,9 @@ class StoreWriter:
             raise UserError(f"output {self.path} exists and is not a folder; choose another -o")
         if self.path.exists() and any(self.path.iterdir()):
             _check_group(self.path, output=True)
+            broken = broken_group_files(self.path)
+            if broken:
+                raise UserError(f"store {self.path} is damaged: {'; '.join(broken)}")
         self._created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(self.path / LOCK_FILE))

@@ -203,3 +203,27 @@ def test_no_air_warning_needs_no_copy_of_the_volume():
         tracemalloc.stop()
     assert warning is not None and "0.00% of voxels" in warning and "lowest value 0" in warning
     assert peak < not_hu.nbytes / 8, peak
+
+
+@pytest.mark.parametrize("group", ["images", "labels"])
+def test_broken_group_file_is_reported_by_verify_and_refused_by_the_writer(tmp_path, capsys, group):
+    """A broken images/zarr.json passed `info --verify`, and `convert --overwrite` then died
+    with a JSONDecodeError traceback."""
+    from tcsmae.convert.store import GROUP_FILE
+
+    path = tmp_path / "s.zarr"
+    with StoreWriter(path) as w:
+        w.write_case("a", _hu(), {"source_sha256": "x"})
+    meta = path / group / "zarr.json"
+    meta.write_text('{"zarr_fo')
+    assert cli(["info", str(path), "--verify"]) == 1
+    out = capsys.readouterr().out
+    assert f"store: {meta} is unreadable" in out.split("verification FAILED:")[1] and GROUP_FILE in out
+    with pytest.raises(UserError) as exc:
+        with StoreWriter(path):
+            pass
+    assert str(meta) in str(exc.value) and GROUP_FILE in str(exc.value)
+    meta.write_text(GROUP_FILE)  # the fix it names
+    assert cli(["info", str(path), "--verify"]) == 0
+    with StoreWriter(path) as w:
+        w.write_case("b", _hu(), {"source_sha256": "y"})
