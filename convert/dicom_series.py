@@ -327,6 +327,7 @@ class SeriesPlan:
     warnings: list[str] = field(default_factory=list)
     labels: str | None = None  # NIfTI label map to align to this series
     patient_id: str | None = None  # override of the patient id
+    conversion: dict = field(default_factory=dict)  # the arguments that convert it, recorded for repairs
 
     @property
     def first_file(self) -> str:
@@ -802,5 +803,7 @@ def case_attrs(plan: SeriesPlan, volume: SeriesVolume) -> dict:
         "source_first_file": plan.first_file,
         "transfer_syntaxes": sorted({h.transfer_syntax for h in plan.slices}),
     }
+    if plan.conversion:
+        attrs["conversion"] = dict(plan.conversion)
     attrs.update(volume.extra_attrs)
     return attrs

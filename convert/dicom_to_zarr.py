@@ -263,6 +263,7 @@ def _scan(files: list[Path], pool) -> list:
 
 def _plan(jobs: list[Job], files_of_job: list[list[Path]], scan_of: dict) -> tuple[list, list[Outcome]]:
     from tcsmae.convert.dicom_series import plan_series
+    from tcsmae.convert.repair import conversion_arguments
     from tcsmae.errors import UserError
 
     plans, outcomes = [], []
@@ -279,6 +280,7 @@ def _plan(jobs: list[Job], files_of_job: list[list[Path]], scan_of: dict) -> tup
                 f"found {len(job_plans)}: {found}; give the folder of one series"
             )
         for plan in job_plans:
+            plan.conversion = conversion_arguments("convert", job.sources, job.labels, job.case_id, job.patient_id)
             if job.case_id:
                 plan.case_id = job.case_id
             plan.labels = str(job.labels) if job.labels else None
@@ -374,6 +376,8 @@ def convert_series(task: tuple) -> Outcome:
     try:
         volume = read_series(plan, strict=strict)
         attrs = case_attrs(plan, volume)
+        if "conversion" in attrs:
+            attrs["conversion"]["codec"] = codec
         labels = None
         if plan.labels:
             g = volume.geometry

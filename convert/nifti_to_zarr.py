@@ -32,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -84,6 +84,8 @@ class NiftiSource:
     """TotalSegmentator `segmentations/` folder of per-structure masks, or None."""
     case_id: str
     patient_id: str
+    conversion: dict = field(default_factory=dict, compare=False)
+    """The arguments that convert it (repair.conversion_arguments), recorded for repairs."""
 
     def files(self) -> list[Path]:
         """Every file whose bytes define the case (for the source digest)."""
@@ -128,7 +130,10 @@ def make_source(source: Path, labels: Path | None = None, case_id: str | None = 
         check_case_id(cid)
     except UserError as exc:
         raise UserError(f"{source}: {exc}") from None
-    return NiftiSource(image, None if labels is None else Path(labels), mask_folder, cid, patient_id or "")
+    from tcsmae.convert.repair import conversion_arguments
+
+    return NiftiSource(image, None if labels is None else Path(labels), mask_folder, cid, patient_id or "",
+                       conversion_arguments("convert-nifti", [source], labels, case_id, patient_id))
 
 
 def source_digest(src: NiftiSource) -> str:
@@ -299,6 +304,8 @@ def convert_sources(sources: list[NiftiSource], out: Path, codec: str = "zstd", 
                     raise UserError(f"case {src.case_id} is already in {out} from another source; pass "
                                     "--overwrite to replace it, or choose another --case-id")
                 hu, labels, attrs = case_arrays(src)
+                if src.conversion:
+                    attrs["conversion"] = dict(src.conversion, codec=codec)
                 writer.write_case(src.case_id, hu, attrs, labels=labels)
                 result["converted"].append(src.case_id)
             except UserError as exc:

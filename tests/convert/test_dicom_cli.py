@@ -288,6 +288,9 @@ def test_manifest_rows_with_overrides_and_labels(tmp_path, convert, two_series):
     assert store.case_attrs(uid(b))["patient_id"] == "PAT-1"
     np.testing.assert_array_equal(store.label("caseA")[:], labels)
     assert not store.has_labels(uid(b))
+    assert store.repair_command("caseA") == (f"`tcsmae convert {root / 'a'} --labels {tmp_path / 'a_seg.nii.gz'} "
+                                             f"--case-id caseA --patient-id P-7 --codec zstd -o {store.path} --overwrite`")
+    assert store.repair_command(uid(b)) == f"`tcsmae convert {root / 'b'} --codec zstd -o {store.path} --overwrite`"
 
 
 def test_manifest_mistakes_are_usage_errors(tmp_path, convert):

@@ -3,13 +3,14 @@ its damaged shard file and the exact command that repairs it."""
 
 from __future__ import annotations
 
+import json
 import shlex
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from dicom_factory import ct_series, phantom_hu, write_series
+from dicom_factory import ct_series, dicom_affine, phantom_hu, write_nifti_labels, write_series
 
 from tcsmae.cli import main as cli
 from tcsmae.convert.store import StoreWriter
@@ -119,7 +120,7 @@ def test_verify_gives_the_command_that_repairs_a_nifti_case(tmp_path, capsys):
                 "-o", str(store), "--no-progress"]) == 0
     command = _damage_and_repair(store, "chest1", capsys)
     assert command == (f"tcsmae convert-nifti {tmp_path / 'vol.nii.gz'} --case-id chest1 --patient-id P1 "
-                       f"-o {store} --overwrite")
+                       f"--codec zstd -o {store} --overwrite")
 
 
 @pytest.mark.parametrize("extra", [[], ["--case-id", "ct_7"], ["--patient-id", "P9"]])
@@ -130,7 +131,47 @@ def test_verify_gives_the_command_that_repairs_a_dicom_case(tmp_path, capsys, ex
     assert cli(["convert", str(tmp_path / "dicom" / "one"), "-o", str(store), "--workers", "1", *extra]) == 0
     case_id = "ct_7" if extra[:1] == ["--case-id"] else series.datasets[0].SeriesInstanceUID
     command = _damage_and_repair(store, case_id, capsys)
-    assert command == f"tcsmae convert {tmp_path / 'dicom' / 'one'} {' '.join(extra)} -o {store} --overwrite".replace("  ", " ")
+    assert command == (f"tcsmae convert {tmp_path / 'dicom' / 'one'} {' '.join(extra)} --codec zstd -o {store} "
+                       "--overwrite").replace("  ", " ")
+
+
+def test_repair_command_is_the_recorded_conversion_from_anywhere(tmp_path, capsys, monkeypatch):
+    """Relative paths were stored as typed, --patient-id could be lost, an lz4 store was rebuilt
+    as zstd, and a series spread over two folders got the folder of its first file as SRC."""
+    series = ct_series(n=6, seed=4)
+    write_series(series.datasets[:3], tmp_path / "work" / "dicom" / "one" / "part1")
+    write_series(series.datasets[3:], tmp_path / "work" / "dicom" / "one" / "part2")
+    write_nifti_labels(np.ones(series.hu.shape, np.uint8), dicom_affine(series), tmp_path / "work" / "seg.nii.gz")
+    store = tmp_path / "s.zarr"
+    monkeypatch.chdir(tmp_path / "work")
+    assert cli(["convert", "dicom/one", "--labels", "seg.nii.gz", "--patient-id", "P7", "--codec", "lz4",
+                "-o", str(store), "--workers", "1"]) == 0
+    monkeypatch.chdir(tmp_path)
+    case_id = series.datasets[0].SeriesInstanceUID
+    command = _damage_and_repair(store, case_id, capsys)
+    assert command == (f"tcsmae convert {tmp_path / 'work' / 'dicom' / 'one'} --labels {tmp_path / 'work' / 'seg.nii.gz'} "
+                       f"--patient-id P7 --codec lz4 -o {store} --overwrite")
+    attrs = json.loads((store / "images" / case_id / "zarr.json").read_text())["attributes"]
+    assert attrs["codec"] == "lz4" and attrs["patient_id"] == "P7" and attrs["conversion"]["case_id"] is None
+
+
+def test_repair_command_for_a_case_converted_before_arguments_were_recorded(tmp_path, capsys):
+    series = ct_series(n=5, seed=5)
+    write_series(series.datasets, tmp_path / "dicom" / "one")
+    store = tmp_path / "s.zarr"
+    assert cli(["convert", str(tmp_path / "dicom" / "one"), "--codec", "lz4", "-o", str(store), "--workers", "1"]) == 0
+    case_id = series.datasets[0].SeriesInstanceUID
+    meta = store / "images" / case_id / "zarr.json"
+    node = json.loads(meta.read_text())
+    del node["attributes"]["conversion"]
+    meta.write_text(json.dumps(node))
+    (store / "images" / case_id / "c" / "0" / "0" / "0").unlink()
+    assert cli(["info", str(store), "--verify"]) == 1
+    line = _repair_lines(capsys.readouterr().out)[case_id]
+    assert line.startswith(f"tcsmae convert {tmp_path / 'dicom' / 'one'} --codec lz4 -o {store} --overwrite` "
+                           "(a best guess: the case was converted before tcsmae recorded its conversion arguments; "
+                           "check that SRC holds the whole series"), line
+    assert "whether it needs --patient-id" in line
 
 
 def test_verify_names_the_shard_of_a_damaged_index(tmp_path, capsys):
