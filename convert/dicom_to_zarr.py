@@ -10,6 +10,11 @@ are classified and grouped. Series are converted in parallel processes; each wor
 its case's arrays, and this process commits them to the slice index one by one (atomic), so
 a crash never leaves half a case visible.
 
+A re-run skips cases whose source digest is unchanged, and reports those with visible damage
+(a missing image shard, a broken zarr.json) as failed with the repair command, without
+touching them; --overwrite rebuilds cases already in the store, each written beside the old
+one and swapped in only once converted (a failed rebuild keeps the old case).
+
 Exit codes: 0 every image series converted or already up to date (localizers, secondary
 captures, non-image objects and non-DICOM files skipped by design do not count); 3 some
 converted, some failed or refused; 1 nothing converted; 2 usage error.
@@ -38,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", metavar="SEG.nii.gz", help="NIfTI label map for the (single) series in SRC, on its grid")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="parallel processes (default: %(default)s)")
     parser.add_argument("--strict", action="store_true", help="fail series with gaps, uneven spacing or gantry tilt instead of warning")
-    parser.add_argument("--overwrite", action="store_true", help="rebuild cases already in the store (default: skip unchanged, refuse changed)")
+    parser.add_argument("--overwrite", action="store_true", help="rebuild cases already in the store, each replaced only once its rebuild succeeded "
+                        "(default: skip unchanged, refuse changed or damaged ones)")
     parser.add_argument("--case-id", metavar="ID", help="case id for the single series in SRC (default: SeriesInstanceUID or a digest)")
     parser.add_argument("--patient-id", metavar="ID", help="patient id for every series in SRC (default: PatientID; "
                         "folds split by patient, so set it for anonymised data)")
@@ -125,22 +131,18 @@ def _scan_plan_convert(args, jobs: list[Job], files_of_job: list[list[Path]], al
         with StoreWriter(args.output, codec=args.codec, discard_if_empty=True) as writer:
             if writer.cleaned:
                 print(f"removed leftovers of unfinished cases: {', '.join(writer.cleaned)}", file=sys.stderr)
-            todo = []
+            todo = []  # (plan, whether it replaces a committed case)
             for plan in plans:
                 existing = writer.source_sha256(plan.case_id)
-                damage = writer.damage(plan.case_id) if existing == plan.source_sha256 else None
-                if existing is None:
-                    todo.append(plan)
-                elif args.overwrite or damage:
-                    if damage:
-                        print(f"case {plan.case_id}: {damage}; converting it again", file=sys.stderr)
-                    writer.remove_case(plan.case_id)
-                    todo.append(plan)
-                elif existing == plan.source_sha256:
-                    outcomes.append(Outcome(plan.case_id, "up to date", len(plan.slices), "source digest unchanged", plan.first_file))
-                else:
+                if existing is None or args.overwrite:
+                    todo.append((plan, existing is not None))
+                elif existing != plan.source_sha256:
                     reason = _why_changed(writer.case_attrs(plan.case_id), existing, plan)
                     outcomes.append(Outcome(plan.case_id, "failed", 0, reason, plan.first_file))
+                elif damage := writer.damage_report(plan.case_id):
+                    outcomes.append(Outcome(plan.case_id, "failed", 0, damage, plan.first_file))
+                else:
+                    outcomes.append(Outcome(plan.case_id, "up to date", len(plan.slices), "source digest unchanged", plan.first_file))
             outcomes.extend(_convert(todo, writer, pool, args))
     return outcomes, skipped_files
 
@@ -344,16 +346,23 @@ def _why_changed(stored: dict, stored_digest: str, plan) -> str:
 
 
 def _convert(todo: list, writer, pool, args) -> list[Outcome]:
+    """Convert each (plan, replaces) of `todo` in the pool and commit it. A case that replaces a
+    committed one (--overwrite) is written beside it (store.staging_name) and swapped in only
+    once converted: a failed rebuild leaves the old case in place."""
     from tqdm import tqdm
 
     outcomes = []
-    total = sum(len(p.slices) for p in todo)
-    tasks = [(plan, str(args.output), args.codec, args.strict) for plan in todo]
+    total = sum(len(plan.slices) for plan, _ in todo)
+    tasks = [(plan, str(args.output), args.codec, args.strict, replaces) for plan, replaces in todo]
     results = pool.map(convert_series, tasks, chunksize=1) if len(tasks) > 1 else map(convert_series, tasks)
     with tqdm(total=total, desc="converting", unit="slice", disable=None) as bar:
-        for plan, outcome in zip(todo, results):
-            if outcome.status == "converted":
+        for (plan, replaces), outcome in zip(todo, results):
+            if outcome.status == "converted" and replaces:
+                writer.commit_staged(outcome.what, outcome.body_fraction, outcome.source_sha256)
+            elif outcome.status == "converted":
                 writer.commit_case(outcome.what, outcome.body_fraction, outcome.source_sha256)
+            elif replaces:
+                writer.discard_staged(plan.case_id)  # the old case stays
             else:
                 writer.remove_case(plan.case_id)  # arrays of a failed case (never committed)
             bar.update(len(plan.slices))
@@ -364,15 +373,16 @@ def _convert(todo: list, writer, pool, args) -> list[Outcome]:
 def convert_series(task: tuple) -> Outcome:
     """Worker: decode one series, align its labels, write its arrays (not committed).
 
-    task: (SeriesPlan, store path, codec, strict). Never raises for bad input: every
-    problem comes back as a failed Outcome naming the file.
+    task: (SeriesPlan, store path, codec, strict, staged: write beside the committed case of
+    that id, see store.staging_name). Never raises for bad input: every problem comes back as
+    a failed Outcome naming the file.
     """
     from tcsmae.convert.dicom_series import SeriesError, case_attrs, read_series
     from tcsmae.convert.label_alignment import align_labels
     from tcsmae.convert.store import write_case_arrays
     from tcsmae.errors import UserError
 
-    plan, store_path, codec, strict = task
+    plan, store_path, codec, strict, staged = task
     try:
         volume = read_series(plan, strict=strict)
         attrs = case_attrs(plan, volume)
@@ -383,7 +393,7 @@ def convert_series(task: tuple) -> Outcome:
             g = volume.geometry
             labels = align_labels(plan.labels, g.voxel_to_lps(), g.positions_mm, volume.hu.shape)
             attrs["labels_source"] = plan.labels
-        bf = write_case_arrays(store_path, plan.case_id, volume.hu, attrs, labels, codec=codec)
+        bf = write_case_arrays(store_path, plan.case_id, volume.hu, attrs, labels, codec=codec, staged=staged)
     except SeriesError as exc:
         return Outcome(plan.case_id, "failed", 0, str(exc), exc.path or plan.first_file)
     except UserError as exc:

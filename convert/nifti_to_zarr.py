@@ -20,8 +20,11 @@ stored as int16 when every value is an exact integer, else float32. A label map 
 its image's grid (same shape, voxel positions within 1% of a voxel): otherwise the case
 fails, it is never resampled.
 
-Re-running skips cases whose source digest (sha256 over the image and label files) matches;
-a case id already holding another source is refused unless --overwrite.
+Re-running skips cases whose source digest (sha256 over the image and label files) matches,
+and reports those among them with visible damage (store.StoreWriter.damage) as failed, with
+the repair command, without touching them; a case id already holding another source is
+refused unless --overwrite. --overwrite replaces a case only after its source was decoded
+and its new arrays written, so a failed rebuild keeps the old case.
 
 Exit codes: 0 every case converted or up to date; 3 some converted, some failed; 1 none
 converted; 2 usage error.
@@ -31,7 +34,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -294,16 +296,16 @@ def convert_sources(sources: list[NiftiSource], out: Path, codec: str = "zstd", 
             try:
                 digest = source_digest(src)
                 existing = writer.source_sha256(src.case_id)
-                damage = writer.damage(src.case_id) if existing == digest else None
-                if damage:
-                    print(f"case {src.case_id}: {damage}; converting it again", file=sys.stderr)
-                elif existing is not None and not overwrite:
-                    if existing == digest:
-                        result["skipped"].append((src.case_id, "up to date (same source digest)"))
-                        continue
-                    raise UserError(f"case {src.case_id} is already in {out} from another source; pass "
-                                    "--overwrite to replace it, or choose another --case-id")
-                hu, labels, attrs = case_arrays(src)
+                if existing is not None and not overwrite:
+                    if existing != digest:
+                        raise UserError(f"case {src.case_id} is already in {out} from another source; pass "
+                                        "--overwrite to replace it, or choose another --case-id")
+                    damage = writer.damage_report(src.case_id)
+                    if damage:
+                        raise UserError(f"case {src.case_id} is {damage}")
+                    result["skipped"].append((src.case_id, "up to date (same source digest)"))
+                    continue
+                hu, labels, attrs = case_arrays(src)  # decoded before the case is replaced
                 if src.conversion:
                     attrs["conversion"] = dict(src.conversion, codec=codec)
                 writer.write_case(src.case_id, hu, attrs, labels=labels)

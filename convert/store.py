@@ -154,6 +154,12 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def staging_name(case_id: str) -> str:
+    """Where a case that replaces a committed one is written first (never a valid case id, so
+    a crash leaves it as a leftover that the next writer removes); see StoreWriter.commit_staged."""
+    return f"_new.{check_case_id(case_id)}"
+
+
 def write_case_arrays(
     path: str | os.PathLike,
     case_id: str,
@@ -161,11 +167,14 @@ def write_case_arrays(
     attrs: dict,
     labels: np.ndarray | None = None,
     codec: str = "zstd",
+    staged: bool = False,
 ) -> np.ndarray:
-    """Write one case's arrays (not yet visible to readers; commit with StoreWriter.commit_case).
+    """Write one case's arrays (not yet visible to readers; commit with StoreWriter.commit_case,
+    or StoreWriter.commit_staged when staged).
 
     Safe to call from a worker process while the parent holds the writer lock, as long as no
-    two calls write the same case. Existing arrays of that case are replaced.
+    two calls write the same case. Existing arrays of that case are replaced, unless staged:
+    then they are written under staging_name(case_id) and the committed case stays as it is.
 
     hu: (Z, Y, X) any real dtype, Hounsfield units; stored as int16 when exact, else float32.
     attrs: per-array attributes (spacing_mm, origin_mm, direction, z_positions_mm, patient_id,
@@ -176,7 +185,7 @@ def write_case_arrays(
     """
     import zarr
 
-    check_case_id(case_id)
+    name = staging_name(case_id) if staged else check_case_id(case_id)
     hu = np.asarray(hu)
     if hu.ndim != 3:
         raise UserError(f"case {case_id}: HU volume must be 3-D (Z, Y, X), got shape {hu.shape}")
@@ -189,7 +198,7 @@ def write_case_arrays(
     full_attrs["codec"] = codec
     full_attrs["content_sha256"] = content_sha256(data)
     arr = root.create_array(  # every shard and chunk written: a missing shard file is damage
-        f"images/{case_id}", shape=data.shape, dtype=data.dtype, chunks=(1, y, x),
+        f"images/{name}", shape=data.shape, dtype=data.dtype, chunks=(1, y, x),
         shards=(SHARD_SLICES, y, x), compressors=compressors, fill_value=0, overwrite=True,
         attributes=full_attrs, config={"write_empty_chunks": True},
     )
@@ -207,13 +216,13 @@ def write_case_arrays(
         lmax = int(labels.max()) if labels.size else 0
         ldtype = np.uint8 if 0 <= int(labels.min() if labels.size else 0) and lmax < 256 else np.int32
         larr = root.create_array(
-            f"labels/{case_id}", shape=labels.shape, dtype=ldtype, chunks=(1, y, x),
+            f"labels/{name}", shape=labels.shape, dtype=ldtype, chunks=(1, y, x),
             shards=(SHARD_SLICES, y, x), compressors=compressors, fill_value=0, overwrite=True,
             attributes={"codec": codec, "content_sha256": content_sha256(labels.astype(ldtype))},
         )
         larr[...] = labels.astype(ldtype)
-    elif f"labels/{case_id}" in root:
-        del root[f"labels/{case_id}"]
+    elif f"labels/{name}" in root:
+        del root[f"labels/{name}"]
     return body_fraction(data)
 
 
@@ -631,11 +640,23 @@ class StoreWriter:
         """The image attributes of a committed case (as CTStore.case_attrs)."""
         return open_store(self.path).case_attrs(case_id)
 
+    def damage_report(self, case_id: str) -> str | None:
+        """`damage(case_id)` as the reason a converter re-run gives for not touching the case
+        (readers may be using the store), with the commands that repair it; None when intact."""
+        from .repair import repair_command
+
+        damage = self.damage(case_id)
+        if damage is None:
+            return None
+        return (f"damaged in {self.path}: {damage}; left as it is (a re-run rebuilds nothing without "
+                f"--overwrite): rebuild it with {repair_command(self.path, case_id)}, or run this "
+                "command again with --overwrite")
+
     def damage(self, case_id: str) -> str | None:
         """What is visibly broken in a committed case's files, or None: an unparsable zarr.json
-        or a missing image shard file. Cheap (a few stats), so that a re-run of the converter
-        rebuilds such a case instead of calling it up to date; damage inside a file is found by
-        reads and by `tcsmae info --verify`."""
+        or a missing image shard file (in arrays with chunk checksums). Cheap (a few stats), so
+        that a re-run of the converter reports such a case as damaged instead of calling it up
+        to date; damage inside a file is found by reads and by `tcsmae info --verify`."""
         import json
 
         from .shard_reader import ShardedSliceReader
@@ -665,6 +686,24 @@ class StoreWriter:
                 if entry.is_dir() and entry.name not in committed:
                     shutil.rmtree(entry)
                     self.cleaned.append(f"{group}/{entry.name}")
+
+    def commit_staged(self, case_id: str, body_frac: np.ndarray, source_sha256: str) -> None:
+        """Replace a case by the arrays written under staging_name(case_id), and commit it:
+        unlist the old case (atomic), delete its arrays, move the staged ones into place, list
+        the new case. Until then readers and a failed rebuild keep the old case."""
+        staged = staging_name(case_id)
+        if case_id in self.case_ids:
+            self._unlist(case_id)
+        for group in ("images", "labels"):
+            shutil.rmtree(self.path / group / case_id, ignore_errors=True)
+            if (self.path / group / staged).is_dir():
+                os.replace(self.path / group / staged, self.path / group / case_id)
+        self.commit_case(case_id, body_frac, source_sha256)
+
+    def discard_staged(self, case_id: str) -> None:
+        """Delete the arrays of a failed rebuild of `case_id` (its committed case stays)."""
+        for group in ("images", "labels"):
+            shutil.rmtree(self.path / group / staging_name(case_id), ignore_errors=True)
 
     def remove_case(self, case_id: str) -> None:
         """Drop a case from the index (atomically), then delete its arrays."""
@@ -706,8 +745,18 @@ class StoreWriter:
         _write_index(self.path, self._index)
 
     def write_case(self, case_id: str, hu: np.ndarray, attrs: dict, labels: np.ndarray | None = None) -> None:
-        """Write a case's arrays, then commit it. Replaces an existing case of that id."""
-        if case_id in self.case_ids:
-            self.remove_case(case_id)
-        bf = write_case_arrays(self.path, case_id, hu, attrs, labels, codec=self.codec)
-        self.commit_case(case_id, bf, str(attrs.get("source_sha256", "")))
+        """Write a case's arrays, then commit it. Replaces an existing case of that id only once
+        the new arrays are written (a failed write leaves it as it was)."""
+        staged = case_id in self.case_ids
+        try:
+            bf = write_case_arrays(self.path, case_id, hu, attrs, labels, codec=self.codec, staged=staged)
+        except BaseException:
+            if staged:
+                self.discard_staged(case_id)
+            else:
+                self.remove_case(case_id)
+            raise
+        if staged:
+            self.commit_staged(case_id, bf, str(attrs.get("source_sha256", "")))
+        else:
+            self.commit_case(case_id, bf, str(attrs.get("source_sha256", "")))

@@ -417,16 +417,47 @@ def test_nifti_given_to_the_dicom_converter_points_to_convert_nifti(tmp_path):
     assert result.kind == "junk" and "convert-nifti" in result.reason
 
 
-def test_rerun_rebuilds_a_case_whose_shard_file_is_missing(tmp_path, convert, two_series):
-    """After `rm STORE/images/<case>/c/0/0/0` a re-run said "up to date"."""
+def test_rerun_reports_a_damaged_case_and_overwrite_rebuilds_it(tmp_path, convert, two_series):
+    """After `rm STORE/images/<case>/c/0/0/0` a re-run said "up to date"; then it deleted and
+    rebuilt the case by itself (with that run's options, under readers' feet)."""
     root, a, b = two_series
     out_zarr = tmp_path / "s.zarr"
     assert convert(root, "-o", out_zarr)[0] == 0
     shard = out_zarr / "images" / uid(a) / "c" / "0" / "0" / "0"
     shard.unlink()
-    code, out = convert(root, "-o", out_zarr)
-    assert code == 0 and ": 1 converted (" in out and ", 1 up to date" in out and "missing" in out, out
-    np.testing.assert_array_equal(open_store(out_zarr).read_slice(open_store(out_zarr).case_ids.index(uid(a)), 0), a.hu[0])
+    code, out = convert(root, "-o", out_zarr, "--codec", "lz4")
+    assert code == 3 and ": 0 converted (" in out and ", 1 up to date" in out and ", 1 failed" in out, out
+    assert f"{shard}" in out and "missing" in out and "left as it is" in out, out
+    assert f"`tcsmae convert {root} --codec zstd -o {out_zarr} --overwrite`" in out, out
+    assert not shard.exists() and uid(a) in open_store(out_zarr).case_ids  # untouched
+    code, out = convert(root, "-o", out_zarr, "--overwrite")
+    assert code == 0 and ": 2 converted (" in out, out
+    store = open_store(out_zarr)
+    np.testing.assert_array_equal(store.read_volume(uid(a)), a.hu)
+
+
+def test_failed_rebuild_with_overwrite_keeps_the_old_case(tmp_path, convert, two_series, monkeypatch):
+    """--overwrite deleted the case before decoding its source: a failed rebuild lost it."""
+    import tcsmae.convert.dicom_series as dicom_series
+
+    root, a, b = two_series
+    out_zarr = tmp_path / "s.zarr"
+    assert convert(root / "a", "-o", out_zarr)[0] == 0
+    store = open_store(out_zarr)
+    reader = store.read_slice(0, 2)  # a reader of the store, open during the rebuild
+
+    def broken(plan, strict=False):
+        raise dicom_series.SeriesError("simulated undecodable pixel data", plan.first_file)
+
+    monkeypatch.setattr(dicom_series, "read_series", broken)
+    code, out = convert(root / "a", "-o", out_zarr, "--overwrite")
+    monkeypatch.undo()
+    assert code == 1 and "simulated undecodable" in out, out
+    again = open_store(out_zarr)
+    assert again.case_ids == [uid(a)]
+    np.testing.assert_array_equal(again.read_volume(uid(a)), a.hu)
+    np.testing.assert_array_equal(store.read_slice(0, 2), reader)
+    assert sorted(p.name for p in (out_zarr / "images").iterdir() if p.is_dir()) == [uid(a)]  # no staging left
 
 
 def test_values_without_intercept_warn_no_air(tmp_path, convert):

@@ -52,17 +52,37 @@ def test_values_without_intercept_warn_no_air(tmp_path):
                for w in warnings), warnings
 
 
-def test_rerun_rebuilds_a_case_whose_shard_file_is_missing(shared_data, tmp_path, capsys):
+def test_rerun_reports_a_damaged_case_and_overwrite_rebuilds_it(shared_data, tmp_path, capsys):
+    """A plain re-run deleted and rebuilt a damaged case by itself, with its own --codec."""
     out = tmp_path / "s.zarr"
     src = str(shared_data / "totalseg-ct-small.nii.gz")
-    assert cli(["convert-nifti", src, "-o", str(out), "--no-progress"]) == 0
+    assert cli(["convert-nifti", src, "-o", str(out), "--no-progress", "--codec", "lz4"]) == 0
     shard = out / "images" / "totalseg-ct-small" / "c" / "0" / "0" / "0"
     shard.unlink()
     capsys.readouterr()
-    assert cli(["convert-nifti", src, "-o", str(out), "--no-progress"]) == 0
-    printed = capsys.readouterr()
-    assert "1 converted" in printed.out and "missing" in printed.err
+    assert cli(["convert-nifti", src, "-o", str(out), "--no-progress"]) == 1
+    printed = capsys.readouterr().out
+    assert "FAILED" in printed and str(shard) in printed and "missing" in printed
+    assert f"`tcsmae convert-nifti {src} --codec lz4 -o {out} --overwrite`" in printed, printed
+    assert not shard.exists()
+    assert cli(["convert-nifti", src, "-o", str(out), "--no-progress", "--codec", "lz4", "--overwrite"]) == 0
     assert shard.is_file() and cli(["info", str(out), "--verify"]) == 0
+
+
+def test_failed_rebuild_with_overwrite_keeps_the_old_case(tmp_path):
+    from dicom_factory import phantom_hu
+
+    hu = phantom_hu(6, 24, 20).transpose(2, 1, 0).astype(np.int16)  # (x, y, z) for NIfTI
+    nib.save(nib.Nifti1Image(hu, np.diag([0.8, 0.8, 2.5, 1.0])), tmp_path / "vol.nii.gz")
+    out = tmp_path / "s.zarr"
+    assert convert_sources([make_source(tmp_path / "vol.nii.gz")], out, progress=False)["converted"] == ["vol"]
+    before = open_store(out).read_volume("vol")
+    (tmp_path / "vol.nii.gz").write_bytes((tmp_path / "vol.nii.gz").read_bytes()[:200])  # truncated
+    r = convert_sources([make_source(tmp_path / "vol.nii.gz")], out, overwrite=True, progress=False)
+    assert r["failed"] and not r["converted"], r
+    store = open_store(out)
+    assert store.case_ids == ["vol"]
+    np.testing.assert_array_equal(store.read_volume("vol"), before)
 
 
 def test_real_volume_hu_equal_nibabel_after_reorientation(real_store, shared_data):

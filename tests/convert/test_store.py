@@ -169,7 +169,7 @@ def test_broken_array_metadata_is_a_user_error_naming_the_file(tmp_path, capsys,
     assert cli(["info", str(path), "--verify"]) in (1, 2)
     printed = capsys.readouterr()
     assert str(meta) in printed.out + printed.err and "Traceback" not in printed.err
-    with StoreWriter(path) as w:  # a re-run of the converter rebuilds the case
+    with StoreWriter(path) as w:  # a re-run of the converter reports the case as damaged
         assert "unreadable" in w.damage("a")
 
 
@@ -227,3 +227,20 @@ def test_broken_group_file_is_reported_by_verify_and_refused_by_the_writer(tmp_p
     assert cli(["info", str(path), "--verify"]) == 0
     with StoreWriter(path) as w:
         w.write_case("b", _hu(), {"source_sha256": "y"})
+
+
+def test_a_failed_replacement_keeps_the_committed_case(tmp_path):
+    """write_case removed the committed case before writing the new one: a write that failed
+    (here a label map on another grid, found after the image was written) lost the case."""
+    path = tmp_path / "s.zarr"
+    with StoreWriter(path) as w:
+        w.write_case("a", _hu(seed=1), {"source_sha256": "x"})
+        with pytest.raises(UserError, match="label map shape"):
+            w.write_case("a", _hu(seed=2), {"source_sha256": "y"}, labels=np.zeros((2, 2, 2), np.uint8))
+        assert w.source_sha256("a") == "x"
+    store = open_store(path)
+    np.testing.assert_array_equal(store.read_volume("a"), _hu(seed=1))
+    assert sorted(p.name for p in (path / "images").iterdir() if p.is_dir()) == ["a"]
+    with StoreWriter(path) as w:
+        w.write_case("a", _hu(seed=2), {"source_sha256": "y"})
+    np.testing.assert_array_equal(open_store(path).read_volume("a"), _hu(seed=2))
