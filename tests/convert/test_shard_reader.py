@@ -154,12 +154,18 @@ def _foreign_image(path, hu, checksummed: bool) -> None:
                       overwrite=True)[...] = hu.astype(np.int16)
 
 
-def test_missing_chunk_file_of_a_foreign_image_layout_is_damage(tmp_path):
+def _foreign_store(tmp_path, checksummed: bool):
+    """A one-case store whose image array is then rewritten in a foreign layout; (path, hu)."""
     path = tmp_path / "s.zarr"
     hu = _volume(4, "int16", 9)
     with StoreWriter(path) as w:
         w.write_case("a", hu, {"source_sha256": "1"})
-    _foreign_image(path, hu, checksummed=True)
+    _foreign_image(path, hu, checksummed)
+    return path, hu
+
+
+def test_missing_chunk_file_of_a_foreign_image_layout_is_damage(tmp_path):
+    path, hu = _foreign_store(tmp_path, checksummed=True)
     chunk = path / "images" / "a" / "c" / "1" / "0" / "0"
     chunk.unlink()
     store = open_store(path)
@@ -170,22 +176,14 @@ def test_missing_chunk_file_of_a_foreign_image_layout_is_damage(tmp_path):
 
 def test_missing_chunk_file_of_a_foreign_layout_without_checksums_reads_as_fill(tmp_path):
     """As zarr reads it: only the checksummed format writes every image chunk."""
-    path = tmp_path / "s.zarr"
-    hu = _volume(4, "int16", 9)
-    with StoreWriter(path) as w:
-        w.write_case("a", hu, {"source_sha256": "1"})
-    _foreign_image(path, hu, checksummed=False)
+    path, hu = _foreign_store(tmp_path, checksummed=False)
     (path / "images" / "a" / "c" / "1" / "0" / "0").unlink()
     np.testing.assert_array_equal(open_store(path).read_slice(0, 3), 0)
 
 
 def test_checksum_failure_on_the_zarr_path_names_case_slice_file_and_fix(tmp_path):
     """zarr-python's bare "Stored and computed checksum do not match" named no file."""
-    path = tmp_path / "s.zarr"
-    hu = _volume(4, "int16", 9)
-    with StoreWriter(path) as w:
-        w.write_case("a", hu, {"source_sha256": "1"})
-    _foreign_image(path, hu, checksummed=True)
+    path, hu = _foreign_store(tmp_path, checksummed=True)
     chunk = path / "images" / "a" / "c" / "1" / "0" / "0"
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0x10
