@@ -9,7 +9,8 @@ Each source becomes one case. A source is
   case id = file name without `.nii(.gz)`;
 - a TotalSegmentator case folder: `ct.nii.gz` plus `segmentations/<structure>.nii.gz` (one
   binary mask per structure). The masks are combined into one label map with the ids of
-  tcsmae/data/totalsegmentator-labels.json (the 'total' task); masks of unknown names are
+  TotalSegmentator's 'total' task (--structure-ids FILE.json, else the installed
+  totalsegmentator package's table); masks of unknown names are
   skipped and overlaps resolved in favour of the higher id, both with a warning. Case id =
   folder name.
 
@@ -52,13 +53,32 @@ NONFINITE_HU = -1024.0
 """HU given to NaN/inf voxels of a float NIfTI (air, as for DICOM padding)."""
 
 
-@lru_cache(maxsize=1)
-def totalsegmentator_ids() -> dict[str, int]:
-    """Structure name -> label id of TotalSegmentator's 'total' task (shipped JSON, id -> name)."""
-    from importlib.resources import files
+@lru_cache(maxsize=4)
+def totalsegmentator_ids(table: Path | None = None) -> dict[str, int]:
+    """Structure name -> label id of TotalSegmentator's 'total' task.
 
-    table = json.loads((files("tcsmae") / "data" / "totalsegmentator-labels.json").read_text())
-    return {name: int(i) for i, name in table.items()}
+    table: a JSON file of id -> name (as `--structure-ids` gives it); None = the installed
+    `totalsegmentator` package's own table (map_to_binary.class_map['total']). UserError
+    when neither is available or the file is not such a table."""
+    if table is None:
+        try:
+            from totalsegmentator.map_to_binary import class_map
+        except ImportError:
+            raise UserError(
+                f"combining TotalSegmentator {TOTALSEG_MASKS}/ masks needs its structure ids (name -> id of the "
+                "'total' task): pass --structure-ids FILE.json (id -> name) or install the totalsegmentator "
+                "package (pip install totalsegmentator), whose table is used then") from None
+        return {name: int(i) for i, name in class_map["total"].items()}
+    try:
+        raw = json.loads(Path(table).read_text())
+        ids = {str(name): int(i) for i, name in raw.items()}
+    except (OSError, ValueError, AttributeError, TypeError) as exc:
+        raise UserError(f"--structure-ids {table}: not a JSON object of label id -> structure name "
+                        f"({type(exc).__name__}: {exc}); give TotalSegmentator's 'total' table") from None
+    if not ids or not all(0 < i < 256 for i in ids.values()):
+        raise UserError(f"--structure-ids {table}: ids must be 1..255 (stored as uint8); give TotalSegmentator's "
+                        "'total' table")
+    return ids
 
 
 def nifti_stem(path: Path) -> str:
@@ -88,6 +108,8 @@ class NiftiSource:
     patient_id: str
     conversion: dict = field(default_factory=dict, compare=False)
     """The arguments that convert it (repair.conversion_arguments), recorded for repairs."""
+    structure_ids: Path | None = None
+    """--structure-ids: id -> name JSON for the masks' ids (None: the totalsegmentator package's)."""
 
     def files(self) -> list[Path]:
         """Every file whose bytes define the case (for the source digest)."""
@@ -96,11 +118,13 @@ class NiftiSource:
             out.append(self.labels)
         if self.mask_folder is not None:
             out += sorted(self.mask_folder.glob("*.nii*"))
+            if self.structure_ids is not None:
+                out.append(self.structure_ids)
         return out
 
 
 def make_source(source: Path, labels: Path | None = None, case_id: str | None = None,
-                patient_id: str | None = None) -> NiftiSource:
+                patient_id: str | None = None, structure_ids: Path | None = None) -> NiftiSource:
     """Resolve a command-line/manifest source into a NiftiSource (UserError when unusable)."""
     from tcsmae.convert.store import check_case_id
 
@@ -134,8 +158,14 @@ def make_source(source: Path, labels: Path | None = None, case_id: str | None = 
         raise UserError(f"{source}: {exc}") from None
     from tcsmae.convert.repair import conversion_arguments
 
+    if mask_folder is not None:
+        totalsegmentator_ids(structure_ids)  # fail before any work when no table can be had
+    table = None if mask_folder is None or structure_ids is None else Path(structure_ids)
+    conversion = conversion_arguments("convert-nifti", [source], labels, case_id, patient_id)
+    if table is not None:
+        conversion["structure_ids"] = str(table.resolve())
     return NiftiSource(image, None if labels is None else Path(labels), mask_folder, cid, patient_id or "",
-                       conversion_arguments("convert-nifti", [source], labels, case_id, patient_id))
+                       conversion, table)
 
 
 def source_digest(src: NiftiSource) -> str:
@@ -204,14 +234,16 @@ def read_label_map(path: Path, shape: tuple[int, int, int], geom) -> np.ndarray:
     return lab.astype(np.int64)
 
 
-def combine_totalseg_masks(folder: Path, shape: tuple[int, int, int], geom) -> tuple[np.ndarray, list[str]]:
+def combine_totalseg_masks(folder: Path, shape: tuple[int, int, int], geom,
+                           structure_ids: Path | None = None) -> tuple[np.ndarray, list[str]]:
     """One label map from TotalSegmentator's per-structure masks.
 
     folder: `segmentations/` with `<structure>.nii.gz` binary masks on the image grid.
-    Returns (labels (Z, Y, X) uint8 with the ids of totalsegmentator_ids(), warnings).
+    structure_ids: the id table (see totalsegmentator_ids).
+    Returns (labels (Z, Y, X) uint8 with the table's ids, warnings).
     Voxels claimed by several masks get the higher id (files are applied in id order).
     """
-    ids = totalsegmentator_ids()
+    ids = totalsegmentator_ids(structure_ids)
     files = sorted(p for p in folder.iterdir() if p.name.endswith(NIFTI_SUFFIXES))
     known = sorted((ids[nifti_stem(p)], p) for p in files if nifti_stem(p) in ids)
     unknown = [p.name for p in files if nifti_stem(p) not in ids]
@@ -245,7 +277,7 @@ def case_arrays(src: NiftiSource) -> tuple[np.ndarray, np.ndarray | None, dict]:
     if src.labels is not None:
         labels = read_label_map(src.labels, hu.shape, geom)
     elif src.mask_folder is not None:
-        labels, w = combine_totalseg_masks(src.mask_folder, hu.shape, geom)
+        labels, w = combine_totalseg_masks(src.mask_folder, hu.shape, geom, src.structure_ids)
         warnings += w
     if hu.size and (hu.min() < -1200 or hu.max() > 4000):
         warnings.append(f"HU range {hu.min():.0f}..{hu.max():.0f} is implausible for CT: is {src.image.name} "
@@ -329,6 +361,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--case-id", help="case id (one source only; default: file name without .nii.gz, or folder name)")
     parser.add_argument("--patient-id", help="patient id to record (one source only; folds split by patient)")
     parser.add_argument("--manifest", type=Path, help="CSV with columns source, labels, case_id, patient_id")
+    parser.add_argument("--structure-ids", type=Path, metavar="FILE.json",
+                        help="TotalSegmentator's label id -> structure name table ('total' task) for case folders "
+                             "with segmentations/ (default: the installed totalsegmentator package's)")
     parser.add_argument("--overwrite", action="store_true", help="rebuild cases already in the store")
     parser.add_argument("--codec", choices=("zstd", "lz4", "none"), default="zstd",
                         help="chunk compression (default zstd; lz4 is what GPU decompression reads)")
@@ -342,13 +377,14 @@ def _sources_from_args(args) -> list[NiftiSource]:
             raise UserError("--manifest lists the sources: do not also give sources, --labels, --case-id or --patient-id")
         from tcsmae.convert.manifest import read_manifest
 
-        return [make_source(r.source, r.labels, r.case_id, r.patient_id) for r in read_manifest(args.manifest)]
+        return [make_source(r.source, r.labels, r.case_id, r.patient_id, args.structure_ids)
+                for r in read_manifest(args.manifest)]
     if not args.sources:
         raise UserError("nothing to convert: give NIfTI files / case folders, or --manifest FILE.csv")
     if single_only and len(args.sources) != 1:
         raise UserError(f"--{single_only[0].replace('_', '-')} applies to one source, but {len(args.sources)} were "
                         "given; use --manifest for several")
-    return [make_source(s, args.labels, args.case_id, args.patient_id) for s in args.sources]
+    return [make_source(s, args.labels, args.case_id, args.patient_id, args.structure_ids) for s in args.sources]
 
 
 def run(args) -> int:

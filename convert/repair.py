@@ -68,7 +68,8 @@ def _recorded_words(conversion: dict) -> list[str] | None:
     if command not in ("convert", "convert-nifti") or not isinstance(sources, list) or not sources:
         return None
     words = ["tcsmae", command, *map(str, sources)]
-    for flag, key in (("--labels", "labels"), ("--case-id", "case_id"), ("--patient-id", "patient_id")):
+    for flag, key in (("--labels", "labels"), ("--case-id", "case_id"), ("--patient-id", "patient_id"),
+                      ("--structure-ids", "structure_ids")):
         if conversion.get(key) is not None:
             words += [flag, str(conversion[key])]
     if conversion.get("codec") in CODECS:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -175,7 +176,7 @@ def _write(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
     nib.save(nib.Nifti1Image(data, affine), path)
 
 
-def test_totalsegmentator_folder_is_combined(tmp_path):
+def test_totalsegmentator_folder_is_combined(tmp_path, shared_data):
     rng = np.random.default_rng(3)
     shape = (8, 9, 10)
     ras = np.diag([1.5, 1.5, 2.0, 1.0])
@@ -199,7 +200,8 @@ def test_totalsegmentator_folder_is_combined(tmp_path):
     _write(case / "segmentations" / "lung_upper_lobe_left.nii.gz", lung[::-1, ::-1, :].copy(), lps_aff)
     _write(case / "segmentations" / "not_a_structure.nii.gz", lung, ras)
 
-    ids = totalsegmentator_ids()
+    table = shared_data / "totalsegmentator-labels.json"  # TotalSegmentator's id -> name table
+    ids = totalsegmentator_ids(table)
     assert (ids["liver"], ids["spleen"], ids["lung_upper_lobe_left"]) == (5, 1, 10)
     expected = np.zeros(shape, np.uint8)
     expected[spleen > 0] = 1
@@ -207,7 +209,7 @@ def test_totalsegmentator_folder_is_combined(tmp_path):
     expected[lung > 0] = 10
 
     out = tmp_path / "ts.zarr"
-    assert cli(["convert-nifti", str(case), "-o", str(out), "--no-progress"]) == 0
+    assert cli(["convert-nifti", str(case), "-o", str(out), "--no-progress", "--structure-ids", str(table)]) == 0
     store = open_store(out)
     assert store.case_ids == ["s0042"]
     np.testing.assert_array_equal(store.label("s0042")[...], _ras_to_store(expected))
@@ -217,13 +219,43 @@ def test_totalsegmentator_folder_is_combined(tmp_path):
     assert any("1 voxels lie in more than one mask" in w for w in warnings)
 
 
-def test_totalsegmentator_mask_on_another_grid_is_refused(tmp_path):
+def test_structure_ids_come_from_the_totalsegmentator_package_or_the_flag(tmp_path, shared_data, monkeypatch,
+                                                                         capsys):
+    import sys
+    import types
+
+    totalseg_ids = {int(k): v for k, v in json.loads((shared_data / "totalsegmentator-labels.json").read_text()).items()}
+    case = tmp_path / "c"
+    _write(case / "ct.nii.gz", np.full((2, 3, 4), -1000, np.int16), np.eye(4))
+    _write(case / "segmentations" / "liver.nii.gz", np.ones((2, 3, 4), np.uint8), np.eye(4))
+    totalsegmentator_ids.cache_clear()
+    monkeypatch.setitem(sys.modules, "totalsegmentator", None)  # not installed
+    assert cli(["convert-nifti", str(case), "-o", str(tmp_path / "a.zarr"), "--no-progress"]) == 2
+    assert "--structure-ids FILE.json" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text('["liver"]')
+    assert cli(["convert-nifti", str(case), "-o", str(tmp_path / "a.zarr"), "--structure-ids", str(bad)]) == 2
+    assert "not a JSON object of label id -> structure name" in capsys.readouterr().err
+    # installed: its own table (totalsegmentator.map_to_binary.class_map['total'])
+    package = types.ModuleType("totalsegmentator")
+    mapping = types.ModuleType("totalsegmentator.map_to_binary")
+    mapping.class_map = {"total": totalseg_ids}
+    monkeypatch.setitem(sys.modules, "totalsegmentator", package)
+    monkeypatch.setitem(sys.modules, "totalsegmentator.map_to_binary", mapping)
+    totalsegmentator_ids.cache_clear()
+    assert cli(["convert-nifti", str(case), "-o", str(tmp_path / "b.zarr"), "--no-progress"]) == 0
+    assert np.all(open_store(tmp_path / "b.zarr").read_volume("c", labels=True) == 5)  # liver
+    totalsegmentator_ids.cache_clear()
+
+
+def test_totalsegmentator_mask_on_another_grid_is_refused(tmp_path, shared_data):
     shape = (4, 5, 6)
     _write(tmp_path / "c" / "ct.nii.gz", np.zeros(shape, np.int16), np.eye(4))
     _write(tmp_path / "c" / "segmentations" / "liver.nii.gz", np.ones((4, 5, 7), np.uint8), np.eye(4))
     hu, geom = read_image(tmp_path / "c" / "ct.nii.gz")
     with pytest.raises(UserError, match="liver.nii.gz"):
-        combine_totalseg_masks(tmp_path / "c" / "segmentations", hu.shape, geom)
+        combine_totalseg_masks(tmp_path / "c" / "segmentations", hu.shape, geom,
+                               shared_data / "totalsegmentator-labels.json")
 
 
 def test_scl_slope_and_inter_give_hu(tmp_path):
