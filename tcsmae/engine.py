@@ -23,6 +23,7 @@ import functools
 import json
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,10 +133,15 @@ class StepResult:
     values: dict  # loss, loss_ssim, loss_con (means over ranks), temperature: floats
     finite: bool
     output: object = None  # PretrainOutput (detached) when asked for
+    stop_signum: int | None = None  # a stop signal pending on any rank (the same on every rank)
 
 
-def train_step(setup: TrainingSetup, batch: dict, ctx: DistContext, keep_output: bool = False) -> StepResult:
-    """Forward both branches, fp32 losses, backward, and (if finite on every rank) one step."""
+def train_step(setup: TrainingSetup, batch: dict, ctx: DistContext, keep_output: bool = False,
+               stop_signum: int = 0) -> StepResult:
+    """Forward both branches, fp32 losses, backward, and (if finite on every rank) one step.
+
+    stop_signum: this rank's pending stop signal (0: none, see tcsmae.stopping). The ranks
+    agree on it in the all-reduce of the losses, so no step needs a collective of its own."""
     masked, original = _inputs(batch, setup, ctx.device)
     setup.optimizer.zero_grad(set_to_none=True)
     buffers = list(setup.core.buffers())
@@ -144,12 +150,13 @@ def train_step(setup: TrainingSetup, batch: dict, ctx: DistContext, keep_output:
         out = setup.model(masked, original)
     terms = setup.criterion(out, original)  # fp32, outside autocast
     setup.scaler.scale(terms.loss).backward()  # always: DDP expects every rank's backward
-    stats = torch.stack([terms.loss.detach(), terms.loss_ssim.detach(), terms.loss_con.detach()])
+    stats = torch.stack([terms.loss.detach(), terms.loss_ssim.detach(), terms.loss_con.detach(),
+                         terms.loss.new_tensor(float(stop_signum)).detach()])
     if ctx.distributed:  # mean over ranks; a NaN/inf on any rank makes the mean non-finite
-        torch.distributed.all_reduce(stats)
+        torch.distributed.all_reduce(stats)  # and a stop signal on any rank makes its mean > 0
         stats /= ctx.world_size
     temperature = out.temperature.detach().reshape(1) if out.temperature is not None else stats.new_ones(1)
-    loss, loss_ssim, loss_con, t = torch.cat([stats, temperature.float()]).tolist()  # the one host sync
+    loss, loss_ssim, loss_con, stop_any, t = torch.cat([stats, temperature.float()]).tolist()  # one host sync
     finite = all(math.isfinite(v) for v in (loss, loss_ssim, loss_con))  # same decision on every rank
     if finite:
         setup.scaler.step(setup.optimizer)
@@ -165,7 +172,8 @@ def train_step(setup: TrainingSetup, batch: dict, ctx: DistContext, keep_output:
     kept = None
     if keep_output:
         kept = (masked.detach(), original.detach(), out.recon_masked.detach(), out.recon_original.detach())
-    return StepResult(values, finite, kept)
+    agreed = (stop_signum or int(signal.SIGTERM)) if stop_any > 0 else None  # another rank's: named SIGTERM
+    return StepResult(values, finite, kept, agreed)
 
 
 class MetricsLog:
@@ -321,7 +329,8 @@ def train_one_epoch(setup: TrainingSetup, batches: Iterable[dict], n_steps: int,
             raise UserError(f"the data ran out after {pos.step_in_epoch} of {n_steps} batches in epoch "
                             f"{pos.epoch}: lower --steps-per-epoch or check the store")
         want_images = cfg.image_every > 0 and (pos.step + 1) % cfg.image_every == 0 and ctx.is_main
-        result = train_step(setup, batch, ctx, keep_output=want_images)
+        result = train_step(setup, batch, ctx, keep_output=want_images,
+                            stop_signum=(stop.signum or 0) if stop is not None else 0)
         pos.step += 1
         pos.step_in_epoch += 1
         pairs_since += global_batch
@@ -354,7 +363,7 @@ def train_one_epoch(setup: TrainingSetup, batches: Iterable[dict], n_steps: int,
             log.images(pos.step, result.output)
         bar.update(1)
         if pos.step_in_epoch < n_steps:
-            signum = stop.requested(ctx) if stop is not None else None
+            signum = result.stop_signum
             if signum or (cfg.checkpoint_every and pos.step % cfg.checkpoint_every == 0):
                 on_checkpoint(pos)
             if signum:

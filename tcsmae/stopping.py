@@ -2,16 +2,17 @@
 
 Schedulers (SLURM before a time limit or preemption, `docker stop`, Kubernetes) send
 SIGTERM and kill the process a little later; a plain Ctrl-C raised KeyboardInterrupt in
-the middle of a step. Inside `GracefulStop` both only set a flag; the training loop asks
-`requested(ctx)` after every step, saves a checkpoint at that position and raises
-`TrainingStopped`.
+the middle of a step. Inside `GracefulStop` both only set a flag (`signum`); the training
+loop passes it to every step, whose loss all-reduce makes the ranks agree on it
+(engine.train_step), and asks `requested(ctx)` at an epoch's end; then it saves a
+checkpoint at that position and raises `TrainingStopped`.
 
 - A second Ctrl-C more than `REPEAT_S` seconds after the first interrupts at once
   (KeyboardInterrupt), as before. Closer repeats are the same Ctrl-C delivered twice
   (torchrun's agent forwards the terminal's SIGINT to workers that already got it).
 - A process that has not stopped `GRACE_S` seconds after SIGTERM (stuck in a collective
   or a data call) exits with 128 + SIGTERM, unsaved, as SIGTERM did before.
-- Under DDP every rank asks after the same step and the ranks agree (max over ranks), so
+- Under DDP the ranks agree after every step (a flag in the losses' all-reduce), so
   a signal that reaches one rank only, or the ranks at different steps, stops all of them
   after the same step: the checkpoint's barrier never waits for a rank that went on.
 - Processes forked inside the context (DALI's readers on the CPU path) leave Ctrl-C to
@@ -100,7 +101,7 @@ class GracefulStop:
 
     def requested(self, ctx: DistContext) -> int | None:
         """The signal number when any rank was asked to stop, else None (a collective call
-        under DDP: every rank must call it at the same step)."""
+        under DDP: every rank must call it at the same point; the loop does at epoch ends)."""
         signum = self.signum or 0
         if ctx.world_size > 1:
             import torch.distributed as dist
