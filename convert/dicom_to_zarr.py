@@ -121,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _scan_plan_convert(args, jobs: list[Job], files_of_job: list[list[Path]], all_files: list[Path]):
     from tcsmae.convert.dicom_series import SKIPPED_BY_DESIGN
+    from tcsmae.convert.repair import _image_attrs
     from tcsmae.convert.store import StoreWriter
 
     with _pool(args.workers) as pool:
@@ -137,7 +138,9 @@ def _scan_plan_convert(args, jobs: list[Job], files_of_job: list[list[Path]], al
                 if existing is None or args.overwrite:
                     todo.append((plan, existing is not None))
                 elif existing != plan.source_sha256:
-                    reason = _why_changed(writer.case_attrs(plan.case_id), existing, plan)
+                    stored = _image_attrs(writer.path, plan.case_id)  # None: its zarr.json is damaged
+                    reason = ((stored is None and writer.damage_report(plan.case_id))
+                              or _why_changed(stored or {}, existing, plan))
                     outcomes.append(Outcome(plan.case_id, "failed", 0, reason, plan.first_file))
                 elif damage := writer.damage_report(plan.case_id):
                     outcomes.append(Outcome(plan.case_id, "failed", 0, damage, plan.first_file))
@@ -287,7 +290,7 @@ def _plan(jobs: list[Job], files_of_job: list[list[Path]], scan_of: dict) -> tup
                 plan.case_id = job.case_id
             plan.labels = str(job.labels) if job.labels else None
             plan.patient_id = job.patient_id
-            plan.source_sha256 = _with_inputs_digest(plan.source_sha256, job)
+            plan.source_sha256 = _with_inputs_digest(plan.source_sha256, job.labels, job.patient_id)
             if plan.case_id in seen:
                 outcomes.append(Outcome(plan.case_id, "failed", 0, f"case id already used by {seen[plan.case_id]}", plan.first_file))
                 continue
@@ -296,19 +299,20 @@ def _plan(jobs: list[Job], files_of_job: list[list[Path]], scan_of: dict) -> tup
     return plans, outcomes
 
 
-def _with_inputs_digest(dicom_digest: str, job: Job) -> str:
-    """The case's source digest: its DICOM files, plus the label map and patient id when given
-    (so that adding labels later is a change, not 'up to date')."""
+def _with_inputs_digest(dicom_digest: str, labels, patient_id: str | None) -> str:
+    """The case's source digest: its DICOM files, plus the label map (a path, hashed) and the
+    patient id when given (so that adding labels later is a change, not 'up to date').
+    repair.py recomputes it to recognise a --patient-id override. OSError: unreadable labels."""
     import hashlib
 
-    if job.labels is None and job.patient_id is None:
+    if labels is None and patient_id is None:
         return dicom_digest
     parts = [dicom_digest]
-    if job.labels is not None:
-        with open(job.labels, "rb") as f:
+    if labels is not None:
+        with open(labels, "rb") as f:
             parts.append("labels:" + hashlib.file_digest(f, "sha256").hexdigest())
-    if job.patient_id is not None:
-        parts.append("patient_id:" + job.patient_id)
+    if patient_id is not None:
+        parts.append("patient_id:" + patient_id)
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 

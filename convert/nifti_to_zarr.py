@@ -264,8 +264,10 @@ def combine_totalseg_masks(folder: Path, shape: tuple[int, int, int], geom,
     return out, warnings
 
 
-def case_arrays(src: NiftiSource) -> tuple[np.ndarray, np.ndarray | None, dict]:
-    """Read one case: (hu (Z, Y, X), labels (Z, Y, X) or None, store attributes)."""
+def case_arrays(src: NiftiSource, source_sha256: str) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """Read one case: (hu (Z, Y, X), labels (Z, Y, X) or None, store attributes).
+
+    source_sha256: source_digest(src), computed once by the caller (it hashes every file)."""
     hu, geom = read_image(src.image)
     warnings = list(geom.warnings)
     if hu.dtype.kind == "f":
@@ -290,7 +292,7 @@ def case_arrays(src: NiftiSource) -> tuple[np.ndarray, np.ndarray | None, dict]:
         "patient_id": src.patient_id,
         "study_uid": "",
         "series_uid": "",
-        "source_sha256": source_digest(src),
+        "source_sha256": source_sha256,
         "warnings": warnings,
         "source_format": "nifti",
         "source_files": len(src.files()),
@@ -337,7 +339,7 @@ def convert_sources(sources: list[NiftiSource], out: Path, codec: str = "zstd", 
                         raise UserError(f"case {src.case_id} is {damage}")
                     result["skipped"].append((src.case_id, "up to date (same source digest)"))
                     continue
-                hu, labels, attrs = case_arrays(src)  # decoded before the case is replaced
+                hu, labels, attrs = case_arrays(src, digest)  # decoded before the case is replaced
                 if src.conversion:
                     attrs["conversion"] = dict(src.conversion, codec=codec)
                 writer.write_case(src.case_id, hu, attrs, labels=labels)

@@ -23,7 +23,6 @@ from the source digest.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -86,20 +85,17 @@ def _dicom_default_id(case_id: str, series_uid: str) -> bool:
 
 def _dicom_patient_override(attrs: dict) -> bool:
     """Whether the case was converted with --patient-id (or a manifest patient_id): its source
-    digest then equals the DICOM digest combined with `patient_id:<id>` (mirrors
-    dicom_to_zarr._with_inputs_digest)."""
+    digest then equals dicom_to_zarr._with_inputs_digest of its DICOM digest, label map and
+    patient id."""
+    from .dicom_to_zarr import _with_inputs_digest
+
     dicom, source, patient = attrs.get("dicom_sha256"), attrs.get("source_sha256"), attrs.get("patient_id")
     if not dicom or not source or source == dicom or not patient:
         return False
-    parts = [dicom]
-    labels = attrs.get("labels_source")
-    if labels:
-        try:
-            parts.append("labels:" + hashlib.sha256(Path(labels).read_bytes()).hexdigest())
-        except OSError:
-            return False
-    parts.append("patient_id:" + patient)
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest() == source
+    try:
+        return _with_inputs_digest(dicom, attrs.get("labels_source") or None, patient) == source
+    except OSError:
+        return False
 
 
 def _guessed_words(attrs: dict, case_id: str) -> tuple[list[str], list[str]]:

@@ -636,10 +636,6 @@ class StoreWriter:
         ids = self.case_ids
         return str(self._index["case_sha256"][ids.index(case_id)]) if case_id in ids else None
 
-    def case_attrs(self, case_id: str) -> dict:
-        """The image attributes of a committed case (as CTStore.case_attrs)."""
-        return open_store(self.path).case_attrs(case_id)
-
     def damage_report(self, case_id: str) -> str | None:
         """`damage(case_id)` as the reason a converter re-run gives for not touching the case
         (readers may be using the store), with the commands that repair it; None when intact."""
