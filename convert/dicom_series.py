@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 
-from tcsmae.convert.store import no_air_warning
 
 # SOP classes (file_meta.MediaStorageSOPClassUID)
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -609,9 +608,6 @@ def read_series(plan: SeriesPlan, strict: bool = False) -> SeriesVolume:
             f"implausible HU range [{lo:g}, {hi:g}] for CT (expected within {list(PLAUSIBLE_HU)}); "
             "check RescaleSlope/RescaleIntercept and PixelPaddingValue"
         )
-    no_air = no_air_warning(hu, f"the series of {plan.first_file}")
-    if no_air:
-        messages.append(no_air)
     return _finish(hu, geometry, slices, messages, reader)
 
 

@@ -397,7 +397,8 @@ def convert_series(task: tuple) -> Outcome:
             g = volume.geometry
             labels = align_labels(plan.labels, g.voxel_to_lps(), g.positions_mm, volume.hu.shape)
             attrs["labels_source"] = plan.labels
-        bf = write_case_arrays(store_path, plan.case_id, volume.hu, attrs, labels, codec=codec, staged=staged)
+        bf = write_case_arrays(store_path, plan.case_id, volume.hu, attrs, labels, codec=codec, staged=staged,
+                               source=f"the series of {plan.first_file}")
     except SeriesError as exc:
         return Outcome(plan.case_id, "failed", 0, str(exc), exc.path or plan.first_file)
     except UserError as exc:
@@ -407,7 +408,8 @@ def convert_series(task: tuple) -> Outcome:
     except Exception as exc:  # a bug or an exotic file: report it with the series, keep going
         return Outcome(plan.case_id, "failed", 0, f"unexpected {type(exc).__name__}: {exc}", plan.first_file)
     return Outcome(
-        plan.case_id, "converted", volume.hu.shape[0], "", plan.first_file, volume.warnings, bf, plan.source_sha256,
+        plan.case_id, "converted", volume.hu.shape[0], "", plan.first_file, attrs["warnings"], bf,
+        plan.source_sha256,
     )
 
 

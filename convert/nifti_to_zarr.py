@@ -41,7 +41,6 @@ from pathlib import Path
 
 import numpy as np
 
-from tcsmae.convert.store import no_air_warning
 from tcsmae.errors import UserError
 
 HELP = "convert NIfTI CT volumes (and label maps, or TotalSegmentator case folders) into a tcsmae store"
@@ -284,9 +283,6 @@ def case_arrays(src: NiftiSource, source_sha256: str) -> tuple[np.ndarray, np.nd
     if hu.size and (hu.min() < -1200 or hu.max() > 4000):
         warnings.append(f"HU range {hu.min():.0f}..{hu.max():.0f} is implausible for CT: is {src.image.name} "
                         "in Hounsfield units?")
-    no_air = no_air_warning(hu, str(src.image))
-    if no_air:
-        warnings.append(no_air)
     attrs = geom.to_attrs()
     attrs.update({
         "patient_id": src.patient_id,
@@ -342,7 +338,7 @@ def convert_sources(sources: list[NiftiSource], out: Path, codec: str = "zstd", 
                 hu, labels, attrs = case_arrays(src, digest)  # decoded before the case is replaced
                 if src.conversion:
                     attrs["conversion"] = dict(src.conversion, codec=codec)
-                writer.write_case(src.case_id, hu, attrs, labels=labels)
+                writer.write_case(src.case_id, hu, attrs, labels=labels, source=str(src.image))
                 result["converted"].append(src.case_id)
             except UserError as exc:
                 result["failed"].append((src.case_id, str(exc)))

@@ -67,29 +67,39 @@ def check_case_id(case_id: str) -> str:
     return case_id
 
 
-def body_fraction(hu: np.ndarray) -> np.ndarray:
+def body_voxels(hu: np.ndarray) -> np.ndarray:
+    """Number of pixels inside the body (HU > -500) per slice, counted slice by slice (a few
+    KiB of temporaries, not a boolean copy of the volume).
+
+    hu: (Z, Y, X) int16 or float32, Hounsfield units. Returns (Z,) int64.
+    """
+    return np.array([np.count_nonzero(plane > BODY_HU) for plane in np.asarray(hu)], dtype=np.int64)
+
+
+def body_fraction(hu: np.ndarray, inside: np.ndarray | None = None) -> np.ndarray:
     """Fraction of pixels inside the body per slice.
 
-    hu: (Z, Y, X) int16 or float32, Hounsfield units.
+    hu: (Z, Y, X) int16 or float32, Hounsfield units; inside: body_voxels(hu) when known.
     Returns (Z,) float32 in [0, 1]: mean of (HU > -500) over each slice.
     """
     hu = np.asarray(hu)
-    return (hu > BODY_HU).mean(axis=(1, 2), dtype=np.float64).astype(np.float32)
+    inside = body_voxels(hu) if inside is None else inside
+    return (inside / (hu.shape[1] * hu.shape[2])).astype(np.float32)
 
 
-def no_air_warning(hu: np.ndarray, source: str) -> str | None:
+def no_air_warning(hu: np.ndarray, inside: np.ndarray, source: str) -> str | None:
     """A warning when a CT volume holds (almost) no air: fewer than 1% of its voxels at or
     below -500 HU. The values are then most likely not HU (a missing rescale intercept leaves
     air at about 0 and tissue at about 1000). None for a plausible volume.
 
-    Counted slice by slice (a few KiB of temporaries, not a sorted float64 copy of the volume:
-    a percentile took 1.3 s and 200 MiB for 400x512x512).
-    hu: (Z, Y, X) any real dtype, supposedly Hounsfield units; source: the file, for the message.
+    hu: (Z, Y, X) any real dtype, supposedly Hounsfield units; inside: body_voxels(hu), (Z,)
+    int64 (write_case_arrays counts them once for the slice index and this check);
+    source: the file, for the message.
     """
     hu = np.asarray(hu)
     if hu.size == 0:
         return None
-    air = sum(int(np.count_nonzero(plane <= BODY_HU)) for plane in hu)  # hu[z]: (Y, X)
+    air = hu.size - int(np.sum(inside))
     if air >= 0.01 * hu.size:
         return None
     return (f"no air found in {source}: are these HU? (missing rescale intercept?) only "
@@ -168,6 +178,7 @@ def write_case_arrays(
     labels: np.ndarray | None = None,
     codec: str = "zstd",
     staged: bool = False,
+    source: str | None = None,
 ) -> np.ndarray:
     """Write one case's arrays (not yet visible to readers; commit with StoreWriter.commit_case,
     or StoreWriter.commit_staged when staged).
@@ -181,6 +192,8 @@ def write_case_arrays(
         study_uid, series_uid, source_sha256, warnings, ...); `codec` and `content_sha256`
         are added here.
     labels: (Z, Y, X) integer label map on the same grid, or None.
+    source: the input named by a no-air warning (no_air_warning; default "case <case_id>"),
+        which is appended to attrs["warnings"] (the given dict too, so callers can report it).
     Returns body_fraction(hu): (Z,) float32.
     """
     import zarr
@@ -194,6 +207,10 @@ def write_case_arrays(
     z, y, x = data.shape
     root = zarr.open_group(str(path), mode="a")
     compressors = _compressors(codec)
+    inside = body_voxels(data)  # (Z,)
+    no_air = no_air_warning(data, inside, source or f"case {case_id}")
+    if no_air:
+        attrs["warnings"] = [*attrs.get("warnings", []), no_air]
     full_attrs = _jsonable(dict(attrs))
     full_attrs["codec"] = codec
     full_attrs["content_sha256"] = content_sha256(data)
@@ -223,7 +240,7 @@ def write_case_arrays(
         larr[...] = labels.astype(ldtype)
     elif f"labels/{name}" in root:
         del root[f"labels/{name}"]
-    return body_fraction(data)
+    return body_fraction(data, inside)
 
 
 # ----------------------------------------------------------------------------- index
@@ -740,12 +757,15 @@ class StoreWriter:
         }
         _write_index(self.path, self._index)
 
-    def write_case(self, case_id: str, hu: np.ndarray, attrs: dict, labels: np.ndarray | None = None) -> None:
+    def write_case(self, case_id: str, hu: np.ndarray, attrs: dict, labels: np.ndarray | None = None,
+                   source: str | None = None) -> None:
         """Write a case's arrays, then commit it. Replaces an existing case of that id only once
-        the new arrays are written (a failed write leaves it as it was)."""
+        the new arrays are written (a failed write leaves it as it was). source: as in
+        write_case_arrays."""
         staged = case_id in self.case_ids
         try:
-            bf = write_case_arrays(self.path, case_id, hu, attrs, labels, codec=self.codec, staged=staged)
+            bf = write_case_arrays(self.path, case_id, hu, attrs, labels, codec=self.codec, staged=staged,
+                                   source=source)
         except BaseException:
             if staged:
                 self.discard_staged(case_id)
