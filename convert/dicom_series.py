@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tcsmae.convert.nifti_to_zarr import NIFTI_SUFFIXES
+
 
 # SOP classes (file_meta.MediaStorageSOPClassUID)
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -179,7 +181,7 @@ def _scan_file(path: str | Path) -> ScanResult:
         with open(path, "rb") as f:
             f.seek(128)
             if f.read(4) != b"DICM":  # a Part 10 file; anything else is junk (pydicom agrees)
-                if path.endswith((".nii", ".nii.gz")):
+                if path.endswith(NIFTI_SUFFIXES):
                     return ScanResult(path, "junk", "a NIfTI file, not DICOM: use `tcsmae convert-nifti`")
                 return ScanResult(path, "junk", "not a DICOM file (no DICM preamble)")
             f.seek(0)

@@ -29,7 +29,7 @@ import re
 import shlex
 from pathlib import Path
 
-CODECS = ("zstd", "lz4", "none")
+from .store import CODECS
 
 
 def conversion_arguments(command: str, sources: list, labels, case_id: str | None,

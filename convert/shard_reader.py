@@ -44,12 +44,11 @@ _DTYPES = {"int16": "<i2", "float32": "<f4", "uint8": "u1", "int32": "<i4"}
 class DamagedChunk(ValueError):
     """A slice cannot be read as written: its shard file is missing, short or fails a checksum.
 
-    path: the shard file; z: the slice; reason: what is wrong, in words."""
+    path: the shard file; reason: what is wrong, in words (readers name the slice)."""
 
-    def __init__(self, path: Path, z: int, reason: str):
+    def __init__(self, path: Path, reason: str):
         super().__init__(f"shard file {path}: {reason}")
         self.path = path
-        self.z = z
         self.reason = reason
 
 
@@ -210,14 +209,14 @@ class ShardedSliceReader:
         n = self.shard_slices
         size = n * 16 + 4
         if stat.st_size < size:
-            raise DamagedChunk(path, z, f"{stat.st_size} bytes, shorter than its {size}-byte index "
+            raise DamagedChunk(path, f"{stat.st_size} bytes, shorter than its {size}-byte index "
                                         "(truncated file)")
         raw = os.pread(fd, size, stat.st_size - size)
         if len(raw) != size:
-            raise DamagedChunk(path, z, "short read of its index")
+            raise DamagedChunk(path, "short read of its index")
         crc = int(np.frombuffer(raw[-4:], "<u4")[0])
         if google_crc32c.value(raw[:-4]) != crc:
-            raise DamagedChunk(path, z, "index checksum mismatch (damaged file)")
+            raise DamagedChunk(path, "index checksum mismatch (damaged file)")
         index = np.frombuffer(raw[:-4], "<u8").reshape(n, 2)
         if len(self._index_cache) > 256:
             self._index_cache.clear()
@@ -236,7 +235,7 @@ class ShardedSliceReader:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             if self.shards_required:
-                raise DamagedChunk(path, z, "file is missing (deleted or never written)") from None
+                raise DamagedChunk(path, "file is missing (deleted or never written)") from None
             return np.full((h, w), self.fill_value, dtype=self.dtype)  # all-fill label shard
         try:
             offset, nbytes = self._index(fd, z, path)[z % self.shard_slices]
@@ -250,18 +249,18 @@ class ShardedSliceReader:
         finally:
             os.close(fd)
         if len(raw) + len(stored_crc) != nbytes:
-            raise DamagedChunk(path, z, f"chunk of slice {z} runs past the end of the file")
+            raise DamagedChunk(path, f"chunk of slice {z} runs past the end of the file")
         if self.checksummed:
             import google_crc32c
 
             if not crc_bytes or google_crc32c.value(raw) != int.from_bytes(stored_crc, "little"):
-                raise DamagedChunk(path, z, f"chunk of slice {z} fails its crc32c checksum (damaged file)")
+                raise DamagedChunk(path, f"chunk of slice {z} fails its crc32c checksum (damaged file)")
         try:
             data = self._decode(raw)
         except Exception as exc:  # a damaged chunk of a store written before chunk checksums
-            raise DamagedChunk(path, z, f"chunk of slice {z} does not decode "
+            raise DamagedChunk(path, f"chunk of slice {z} does not decode "
                                         f"({type(exc).__name__}: {exc})") from exc
         expected = h * w * self.dtype.itemsize
         if len(data) != expected:
-            raise DamagedChunk(path, z, f"slice {z} decodes to {len(data)} bytes, expected {expected}")
+            raise DamagedChunk(path, f"slice {z} decodes to {len(data)} bytes, expected {expected}")
         return np.frombuffer(data, dtype=self.dtype).reshape(h, w)

@@ -494,14 +494,14 @@ def _read_with_zarr(folder: Path, arr, z: int, files_required: bool) -> np.ndarr
     if files_required:
         for path in files:
             if not path.is_file():
-                raise DamagedChunk(path, z, "file is missing (deleted or never written)")
+                raise DamagedChunk(path, "file is missing (deleted or never written)")
     try:
         return np.asarray(arr[z])
     except Exception as exc:  # zarr: "Stored and computed checksum do not match", a bad frame
         where = files[0] if len(files) == 1 else folder
         what = ("fails its crc32c checksum (damaged file)" if "checksum" in str(exc).lower()
                 else "cannot be read")
-        raise DamagedChunk(where, z, f"slice {z} {what} (zarr: {type(exc).__name__}: {exc})") from exc
+        raise DamagedChunk(where, f"slice {z} {what} (zarr: {type(exc).__name__}: {exc})") from exc
 
 
 def _check_group(path: Path, output: bool = False) -> None:
