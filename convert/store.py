@@ -232,15 +232,26 @@ def write_case_arrays(
                 raise UserError(f"case {case_id}: label map holds non-integer values")
         lmax = int(labels.max()) if labels.size else 0
         ldtype = np.uint8 if 0 <= int(labels.min() if labels.size else 0) and lmax < 256 else np.int32
+        stored_labels = labels.astype(ldtype)
         larr = root.create_array(
             f"labels/{name}", shape=labels.shape, dtype=ldtype, chunks=(1, y, x),
             shards=(SHARD_SLICES, y, x), compressors=compressors, fill_value=0, overwrite=True,
-            attributes={"codec": codec, "content_sha256": content_sha256(labels.astype(ldtype))},
+            attributes={"codec": codec, "content_sha256": content_sha256(stored_labels),
+                        "label_ids": _label_ids(stored_labels)},
         )
-        larr[...] = labels.astype(ldtype)
+        larr[...] = stored_labels
     elif f"labels/{name}" in root:
         del root[f"labels/{name}"]
     return body_fraction(data, inside)
+
+
+def _label_ids(labels: np.ndarray) -> list[int]:
+    """Sorted ids present in a label map (0 included when present), the `label_ids` attribute.
+
+    labels: (Z, Y, X) uint8 (counted, no sorted copy) or int32 label ids."""
+    if labels.dtype == np.uint8:
+        return np.flatnonzero(np.bincount(labels.ravel(), minlength=256)).tolist()
+    return np.unique(labels).tolist()
 
 
 # ----------------------------------------------------------------------------- index
@@ -415,6 +426,16 @@ class CTStore:
     def case_attrs(self, case_id: str) -> dict:
         """The image array's attributes (spacing_mm, origin_mm, direction, ...) as a plain dict."""
         return dict(self.image(case_id).attrs)
+
+    def label_ids(self, case_id: str) -> list[int]:
+        """Sorted label ids in a case's label map (0 included when present): its `label_ids`
+        attribute, or for a case written before that was recorded, a full checked read.
+        UserError when the case has no labels."""
+        arr = self.label(case_id)
+        ids = arr.attrs.get("label_ids") if arr is not None else None
+        if ids is None:
+            return np.unique(self.read_volume(case_id, labels=True)).tolist()
+        return [int(i) for i in ids]
 
     def _read_checked(self, kind: str, case_id: str, z: int) -> np.ndarray:
         """Slice z of `kind`/<case_id> ("images" | "labels"); a damaged or missing file becomes a

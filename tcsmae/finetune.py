@@ -112,9 +112,7 @@ def finetune(data: str | Path, out: str | Path, cfg: FinetuneConfig) -> dict:
         raise UserError(f"{data}: no case has labels; convert with --labels (or a manifest labels column)")
     if unlabelled:
         warnings.warn(f"{len(unlabelled)} case(s) without labels are left out: {unlabelled[:5]}", stacklevel=2)
-    present = set()
-    for c in labelled:
-        present.update(np.unique(store.read_volume(c, labels=True)).tolist())
+    present = {i for c in labelled for i in store.label_ids(c)}  # recorded at conversion
     for msg in check_against_ids(label_map, present, str(data)):
         warnings.warn(msg, stacklevel=2)
     attrs = {c: store.case_attrs(c) for c in labelled}

@@ -245,3 +245,30 @@ def test_a_failed_replacement_keeps_the_committed_case(tmp_path):
     with StoreWriter(path) as w:
         w.write_case("a", _hu(seed=2), {"source_sha256": "y"})
     np.testing.assert_array_equal(open_store(path).read_volume("a"), _hu(seed=2))
+
+
+def test_label_ids_recorded_and_read_without_the_attribute(tmp_path):
+    """finetune learns which ids a store holds from `label_ids`; older stores are scanned."""
+    import json
+
+    path = tmp_path / "s.zarr"
+    small = np.zeros((3, 16, 12), np.uint8)
+    small[1, 2:5, 3:7], small[2, 0, 0] = 7, 2
+    large = small.astype(np.int32) * 100  # ids above 255: stored as int32
+    with StoreWriter(path) as w:
+        w.write_case("small", _hu(3), {"source_sha256": "a"}, labels=small)
+        w.write_case("large", _hu(3), {"source_sha256": "b"}, labels=large)
+        w.write_case("none", _hu(3), {"source_sha256": "c"})
+    store = open_store(path)
+    assert store.label("small").attrs["label_ids"] == [0, 2, 7]
+    assert store.label_ids("small") == [0, 2, 7] and store.label_ids("large") == [0, 200, 700]
+    with pytest.raises(UserError, match="has no label map"):
+        store.label_ids("none")
+    for case in ("small", "large"):  # as written before label_ids existed
+        meta = path / "labels" / case / "zarr.json"
+        node = json.loads(meta.read_text())
+        del node["attributes"]["label_ids"]
+        meta.write_text(json.dumps(node))
+    older = open_store(path)
+    assert "label_ids" not in older.label("small").attrs
+    assert older.label_ids("small") == [0, 2, 7] and older.label_ids("large") == [0, 200, 700]
