@@ -33,8 +33,8 @@ def main() -> None:
 
     import torch
 
-    from tcsmae.config import ModelConfig, preset
-    from tcsmae.engine import measure_train_step
+    from tcsmae.bench.probe import measure_train_step
+    from tcsmae.pretrain.config import ModelConfig, preset
 
     if args.threads:
         torch.set_num_threads(args.threads)

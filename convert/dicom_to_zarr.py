@@ -30,12 +30,21 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tcsmae.convert.dicom_scan import SKIPPED_BY_DESIGN, SeriesError, discover_files, plan_series, scan_file
+from tcsmae.convert.dicom_volume import case_attrs, read_series
+from tcsmae.convert.label_alignment import align_labels
+from tcsmae.convert.manifest import read_manifest
+from tcsmae.convert.nifti_to_zarr import NIFTI_SUFFIXES
+from tcsmae.errors import UserError, script_main
+from tcsmae.store.format import check_case_id
+from tcsmae.store.repair import conversion_arguments, image_attrs, inputs_digest
+from tcsmae.store.writer import StoreWriter, write_case_arrays
+
 HELP = "convert DICOM CT series (folders/files, recursive) into a tcsmae Zarr store of HU volumes"
 
 EXIT_OK, EXIT_NOTHING, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 SCAN_IN_POOL_FROM = 400
 """Scan headers in the worker pool only from this many files on (else in this process)."""
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sources", nargs="*", metavar="SRC", help="DICOM files or folders (searched recursively)")
@@ -81,9 +90,6 @@ class Outcome:
 def run(args: argparse.Namespace) -> int:
     from concurrent.futures.process import BrokenProcessPool
 
-    from tcsmae.convert.dicom_series import discover_files
-    from tcsmae.convert.store import check_case_id
-    from tcsmae.errors import UserError
 
     started = time.perf_counter()
     jobs = _jobs_from_args(args)
@@ -120,9 +126,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _scan_plan_convert(args, jobs: list[Job], files_of_job: list[list[Path]], all_files: list[Path]):
-    from tcsmae.convert.dicom_series import SKIPPED_BY_DESIGN
-    from tcsmae.convert.repair import _image_attrs
-    from tcsmae.convert.store import StoreWriter
 
     with _pool(args.workers) as pool:
         scans = _scan(all_files, pool)
@@ -138,7 +141,7 @@ def _scan_plan_convert(args, jobs: list[Job], files_of_job: list[list[Path]], al
                 if existing is None or args.overwrite:
                     todo.append((plan, existing is not None))
                 elif existing != plan.source_sha256:
-                    stored = _image_attrs(writer.path, plan.case_id)  # None: its zarr.json is damaged
+                    stored = image_attrs(writer.path, plan.case_id)  # None: its zarr.json is damaged
                     reason = ((stored is None and writer.damage_report(plan.case_id))
                               or _why_changed(stored or {}, existing, plan))
                     outcomes.append(Outcome(plan.case_id, "failed", 0, reason, plan.first_file))
@@ -151,9 +154,6 @@ def _scan_plan_convert(args, jobs: list[Job], files_of_job: list[list[Path]], al
 
 
 def _jobs_from_args(args) -> list[Job]:
-    from tcsmae.convert.manifest import read_manifest
-    from tcsmae.convert.store import check_case_id
-    from tcsmae.errors import UserError
 
     jobs: list[Job] = []
     if args.patient_id is not None and args.manifest:
@@ -185,8 +185,6 @@ def _jobs_from_args(args) -> list[Job]:
 def _refuse_nifti(job: Job, fix: str) -> None:
     """UserError when the job names a NIfTI file: this converter reads DICOM only (without this
     check a NIfTI source is skipped as 'not DICOM', or, with labels, reported as 'no series')."""
-    from tcsmae.convert.nifti_to_zarr import NIFTI_SUFFIXES
-    from tcsmae.errors import UserError
 
     for source in job.sources:
         if source.name.endswith(NIFTI_SUFFIXES) and not source.is_dir():
@@ -219,12 +217,9 @@ def _pool(workers: int):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    import pydicom.pixels  # noqa: F401  (imported before forking: workers inherit them)
-    import zarr  # noqa: F401
-
-    import tcsmae.convert.dicom_series  # noqa: F401
+    import tcsmae.convert.dicom_scan  # noqa: F401  (loaded before forking)
+    import tcsmae.convert.dicom_volume  # noqa: F401
     import tcsmae.convert.label_alignment  # noqa: F401
-    import tcsmae.convert.store  # noqa: F401
 
     methods = multiprocessing.get_all_start_methods()
     if sys.platform.startswith("linux") and "fork" in methods and _fork_safe():
@@ -234,7 +229,7 @@ def _pool(workers: int):
     if "forkserver" in methods:
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload([
-            "numpy", "pydicom", "pydicom.pixels", "zarr", "tcsmae.convert.dicom_series", "tcsmae.convert.store"
+            "numpy", "pydicom", "pydicom.pixels", "zarr", "tcsmae.convert.dicom_scan", "tcsmae.convert.dicom_volume", "tcsmae.store.writer"
         ])
     else:
         context = multiprocessing.get_context("spawn")
@@ -257,7 +252,6 @@ def _fork_safe() -> bool:
 def _scan(files: list[Path], pool) -> list:
     from tqdm import tqdm
 
-    from tcsmae.convert.dicom_series import scan_file
 
     if len(files) >= SCAN_IN_POOL_FROM:
         results = pool.map(scan_file, files, chunksize=max(1, min(64, len(files) // 32)))
@@ -267,9 +261,6 @@ def _scan(files: list[Path], pool) -> list:
 
 
 def _plan(jobs: list[Job], files_of_job: list[list[Path]], scan_of: dict) -> tuple[list, list[Outcome]]:
-    from tcsmae.convert.dicom_series import plan_series
-    from tcsmae.convert.repair import conversion_arguments
-    from tcsmae.errors import UserError
 
     plans, outcomes = [], []
     seen: dict[str, str] = {}
@@ -290,7 +281,7 @@ def _plan(jobs: list[Job], files_of_job: list[list[Path]], scan_of: dict) -> tup
                 plan.case_id = job.case_id
             plan.labels = str(job.labels) if job.labels else None
             plan.patient_id = job.patient_id
-            plan.source_sha256 = _with_inputs_digest(plan.source_sha256, job.labels, job.patient_id)
+            plan.source_sha256 = inputs_digest(plan.source_sha256, job.labels, job.patient_id)
             if plan.case_id in seen:
                 outcomes.append(Outcome(plan.case_id, "failed", 0, f"case id already used by {seen[plan.case_id]}", plan.first_file))
                 continue
@@ -298,22 +289,6 @@ def _plan(jobs: list[Job], files_of_job: list[list[Path]], scan_of: dict) -> tup
             plans.append(plan)
     return plans, outcomes
 
-
-def _with_inputs_digest(dicom_digest: str, labels, patient_id: str | None) -> str:
-    """The case's source digest: its DICOM files, plus the label map (a path, hashed) and the
-    patient id when given (so that adding labels later is a change, not 'up to date').
-    repair.py recomputes it to recognise a --patient-id override. OSError: unreadable labels."""
-    import hashlib
-
-    if labels is None and patient_id is None:
-        return dicom_digest
-    parts = [dicom_digest]
-    if labels is not None:
-        with open(labels, "rb") as f:
-            parts.append("labels:" + hashlib.file_digest(f, "sha256").hexdigest())
-    if patient_id is not None:
-        parts.append("patient_id:" + patient_id)
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 def _why_changed(stored: dict, stored_digest: str, plan) -> str:
@@ -381,10 +356,6 @@ def convert_series(task: tuple) -> Outcome:
     that id, see store.staging_name). Never raises for bad input: every problem comes back as
     a failed Outcome naming the file.
     """
-    from tcsmae.convert.dicom_series import SeriesError, case_attrs, read_series
-    from tcsmae.convert.label_alignment import align_labels
-    from tcsmae.convert.store import write_case_arrays
-    from tcsmae.errors import UserError
 
     plan, store_path, codec, strict, staged = task
     try:
@@ -457,7 +428,6 @@ def _exit_code(outcomes: list[Outcome]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Script entry: parse, run, print a UserError without a traceback."""
-    from tcsmae.errors import script_main
 
     return script_main("tcsmae.convert.dicom_to_zarr", "dicom_to_zarr.py", argv)
 

@@ -41,7 +41,12 @@ from pathlib import Path
 
 import numpy as np
 
+from tcsmae.convert.manifest import read_manifest
 from tcsmae.errors import UserError
+from tcsmae.store.format import check_case_id, storage_dtype
+from tcsmae.store.geometry import grid_mismatch, nifti_to_store_grid
+from tcsmae.store.repair import conversion_arguments
+from tcsmae.store.writer import StoreWriter
 
 HELP = "convert NIfTI CT volumes (and label maps, or TotalSegmentator case folders) into a tcsmae store"
 
@@ -50,7 +55,6 @@ TOTALSEG_IMAGE = "ct.nii.gz"
 TOTALSEG_MASKS = "segmentations"
 NONFINITE_HU = -1024.0
 """HU given to NaN/inf voxels of a float NIfTI (air, as for DICOM padding)."""
-
 
 @lru_cache(maxsize=4)
 def totalsegmentator_ids(table: Path | None = None) -> dict[str, int]:
@@ -125,7 +129,6 @@ class NiftiSource:
 def make_source(source: Path, labels: Path | None = None, case_id: str | None = None,
                 patient_id: str | None = None, structure_ids: Path | None = None) -> NiftiSource:
     """Resolve a command-line/manifest source into a NiftiSource (UserError when unusable)."""
-    from tcsmae.convert.store import check_case_id
 
     source = Path(source)
     if not source.exists():
@@ -155,7 +158,6 @@ def make_source(source: Path, labels: Path | None = None, case_id: str | None = 
         check_case_id(cid)
     except UserError as exc:
         raise UserError(f"{source}: {exc}") from None
-    from tcsmae.convert.repair import conversion_arguments
 
     if mask_folder is not None:
         totalsegmentator_ids(structure_ids)  # fail before any work when no table can be had
@@ -196,8 +198,6 @@ def read_image(path: Path):
     Returns (hu (Z, Y, X) int16 if the values are exact integers in range else float32,
     Hounsfield units; Geometry).
     """
-    from tcsmae.convert.orientation import nifti_to_store_grid
-    from tcsmae.convert.store import storage_dtype
 
     img = _load(path)
     try:
@@ -214,7 +214,6 @@ def read_label_map(path: Path, shape: tuple[int, int, int], geom) -> np.ndarray:
     shape, geom: the image's (Z, Y, X) shape and Geometry. UserError when the label map is on
     another grid or holds non-integer values. Returns (Z, Y, X) int64 label ids.
     """
-    from tcsmae.convert.orientation import grid_mismatch, nifti_to_store_grid
 
     img = _load(path)
     try:
@@ -311,7 +310,6 @@ def convert_sources(sources: list[NiftiSource], out: Path, codec: str = "zstd", 
     """
     from tqdm import tqdm
 
-    from tcsmae.convert.store import StoreWriter
 
     result: dict[str, list] = {"converted": [], "skipped": [], "failed": []}
     seen: dict[str, Path] = {}
@@ -373,7 +371,6 @@ def _sources_from_args(args) -> list[NiftiSource]:
     if args.manifest is not None:
         if args.sources or single_only:
             raise UserError("--manifest lists the sources: do not also give sources, --labels, --case-id or --patient-id")
-        from tcsmae.convert.manifest import read_manifest
 
         return [make_source(r.source, r.labels, r.case_id, r.patient_id, args.structure_ids)
                 for r in read_manifest(args.manifest)]

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import PipelineConfig
-from .masking import interval_index, patch_mask
-from .resize import pad_to_square
+from tcsmae.pipelines.config import PipelineConfig
+from tcsmae.pipelines.masking import interval_index, patch_mask
+from tcsmae.pipelines.resize import pad_to_square
 
 
 class BaselineDataset:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from tcsmae.errors import UserError
+
 MASKING_MODES = ("tissue", "patch", "none")
 EDGE_SCALINGS = ("clip", "divide")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -90,7 +92,6 @@ class PipelineConfig:
     """Skip slices whose index body fraction (share of pixels > -500 HU) is below this."""
 
     def __post_init__(self) -> None:
-        from tcsmae.errors import UserError
 
         for name in ("lung_window", "mediastinal_window"):
             level, width = getattr(self, name)

@@ -35,9 +35,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import kernels
-from .config import PipelineConfig
-from .resize import resize_bilinear
+from tcsmae.pipelines import kernels
+from tcsmae.pipelines.config import PipelineConfig
+from tcsmae.pipelines.resize import resize_bilinear
 
 
 def _cupy_batch(samples: list):

@@ -32,7 +32,7 @@ import functools
 
 import numpy as np
 
-from .config import SOBEL_MAX
+from tcsmae.pipelines.config import SOBEL_MAX
 
 _SCALINGS = {"clip": 0, "divide": 1}
 

@@ -24,11 +24,10 @@ import signal
 import threading
 
 from tcsmae.errors import UserError
-
-from .config import PipelineConfig
-from .graph import processing_graph
-from .kernels import split_packed
-from .source import SliceSource
+from tcsmae.pipelines.config import PipelineConfig
+from tcsmae.pipelines.graph import processing_graph
+from tcsmae.pipelines.kernels import split_packed
+from tcsmae.pipelines.source import SliceSource
 
 _LAYOUTS = {"hu": "HW", "draw": None, "case_index": None, "z": None, "affine": None,
             "label": "HW"}

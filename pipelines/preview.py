@@ -19,7 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from tcsmae.atomic_files import save_figure
+from tcsmae.device import resolve_device
 from tcsmae.errors import UserError
+from tcsmae.pipelines.config import PipelineConfig
+from tcsmae.pipelines.kernels import split_packed
+from tcsmae.pipelines.loader import build_pipeline
+from tcsmae.pipelines.source import SliceSource
 
 HELP = "draw what the model sees (Fig. 3-style grid: windows, edges, mask, masked) and save the batch"
 
@@ -45,9 +50,6 @@ def preview_batch(store_path, cfg, n: int, device: str = "cpu") -> dict:
     Keys: hu (H, W), original (3, H, W), masked (3, H, W), mask (H, W), case_index, z,
     case_id (the store's case id, str).
     """
-    from .kernels import split_packed
-    from .loader import build_pipeline
-    from .source import SliceSource
 
     source = SliceSource(store_path, cfg, batch_size=n, stacked=False)  # grids may differ
     device_id = 0 if device == "cuda" else None
@@ -114,12 +116,10 @@ def save_npz(batch: dict, path: Path) -> None:
 
 
 def run(args) -> int:
-    from .config import PipelineConfig
 
     if args.n < 1:
         raise UserError(f"--n {args.n}: give at least 1 slice")
     if args.device == "cuda":
-        from tcsmae.device import resolve_device
 
         resolve_device("cuda")  # UserError without a GPU
     cfg = PipelineConfig(size=args.size, seed=args.seed, masking=args.masking, rho=args.rho)

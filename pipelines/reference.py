@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import PipelineConfig
-from .edges import edge_channel
-from .masking import apply_mask, patch_mask, tissue_mask
-from .resize import pad_to_square, resize_bilinear
-from .windowing import lung_and_mediastinal
+from tcsmae.pipelines.config import PipelineConfig
+from tcsmae.pipelines.edges import edge_channel
+from tcsmae.pipelines.masking import apply_mask, patch_mask, tissue_mask
+from tcsmae.pipelines.resize import pad_to_square, resize_bilinear
+from tcsmae.pipelines.source import draw_mask
+from tcsmae.pipelines.windowing import lung_and_mediastinal
 
 
 def preprocess_slice(hu: np.ndarray, draw: np.ndarray, cfg: PipelineConfig) -> dict:
@@ -39,3 +40,14 @@ def preprocess_slice(hu: np.ndarray, draw: np.ndarray, cfg: PipelineConfig) -> d
         mask = tissue_mask(hu_out, draw, *cfg.hu_range)
     return {"hu": hu_out, "original": original, "masked": apply_mask(original, mask),
             "mask": mask}
+
+
+
+def prepared_pair(store, slice_id: int, cfg):
+    """(original, masked): (3, S, S) float32 in 0..1 of one slice, mask drawn as in training (epoch 0)."""
+
+    case, z = int(store.slice_case[slice_id]), int(store.slice_z[slice_id])
+    hu = store.read_slice(case, z)
+    shape = (cfg.size, cfg.size) if cfg.size > 0 else hu.shape
+    out = preprocess_slice(hu, draw_mask(cfg, 0, int(slice_id), shape), cfg)
+    return out["original"], out["masked"]

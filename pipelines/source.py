@@ -32,11 +32,17 @@ import math
 import numpy as np
 
 from tcsmae.errors import UserError
-
-from .config import PipelineConfig
-from .masking import (STREAM_AFFINE, STREAM_MASK, draw_intervals, draw_patches,
-                      patch_grid_shape, sample_rng)
-from .resize import pad_to_square
+from tcsmae.pipelines.config import PipelineConfig
+from tcsmae.pipelines.masking import (
+    STREAM_AFFINE,
+    STREAM_MASK,
+    draw_intervals,
+    draw_patches,
+    patch_grid_shape,
+    sample_rng,
+)
+from tcsmae.pipelines.resize import pad_to_square
+from tcsmae.store.reader import open_store
 
 LABEL_MAX = np.iinfo(np.int16).max
 
@@ -94,7 +100,6 @@ class SliceSource:
     def __init__(self, store_path, cfg: PipelineConfig, batch_size: int, rank: int = 0,
                  world_size: int = 1, epoch: int = 0, step: int = 0, with_labels: bool = False,
                  stacked: bool | None = None, case_ids: list[str] | None = None):
-        from tcsmae.convert.store import open_store
 
         if batch_size < 1:
             raise UserError(f"batch size {batch_size} must be >= 1")

@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 from tcsmae.atomic_files import readable_by_all
-
 from tcsmae.errors import UserError
 
 FORMAT = "tcsmae-pretrain"

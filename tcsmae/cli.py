@@ -18,29 +18,31 @@ import importlib
 import os
 import sys
 
+import tcsmae
+import tcsmae.convert
+import tcsmae.pipelines
+from tcsmae.errors import run_command
+
 # subcommand -> module. Order is the order shown in --help.
 COMMANDS: dict[str, str] = {
-    "phantom": "tcsmae.convert.phantom",
+    "phantom": "tcsmae.phantom.command",
     "convert": "tcsmae.convert.dicom_to_zarr",
     "convert-nifti": "tcsmae.convert.nifti_to_zarr",
-    "info": "tcsmae.convert.info",
+    "info": "tcsmae.store.info",
     "preview": "tcsmae.pipelines.preview",
-    "pretrain": "tcsmae.pretrain",
-    "export": "tcsmae.export",
-    "finetune": "tcsmae.finetune",
-    "predict": "tcsmae.predict",
-    "report": "tcsmae.report",
-    "recon-ssim": "tcsmae.recon_ssim",
-    "visualize": "tcsmae.visualize",
+    "pretrain": "tcsmae.pretrain.command",
+    "export": "tcsmae.pretrain.export",
+    "finetune": "tcsmae.finetune.command",
+    "predict": "tcsmae.finetune.predict",
+    "report": "tcsmae.finetune.report",
+    "recon-ssim": "tcsmae.pretrain.recon_ssim",
+    "visualize": "tcsmae.finetune.visualize",
     "bench": "tcsmae.bench",
 }
 
 
 def _own_dirs() -> tuple[str, ...]:
     """Folders of tcsmae's three packages (convert/ and pipelines/ may live apart, editable)."""
-    import tcsmae
-    import tcsmae.convert
-    import tcsmae.pipelines
 
     return tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep
                  for m in (tcsmae, tcsmae.convert, tcsmae.pipelines))
@@ -84,7 +86,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import warnings
 
-    from tcsmae.errors import run_command
 
     def show_warning(message, category, filename, lineno, file=None, line=None):
         # users see the message, not a source line; library deprecation noise keeps its origin

@@ -37,13 +37,20 @@ The package, one file per part of the run:
 
 from tcsmae.bench.command import HELP, add_arguments, command_line, config_from_args, run
 from tcsmae.bench.config import BenchConfig, train_config
-from tcsmae.bench.data import PHANTOM_VERSION, default_phantom, phantom_store, slice_pool
+from tcsmae.bench.data import default_phantom, slice_pool
 from tcsmae.bench.machine import machine_info
 from tcsmae.bench.report import figure, markdown_table, readme_row, write_result
 from tcsmae.bench.stages import measure_preprocess_stage, measure_read, timed
 from tcsmae.bench.suite import FIGURE_KEYS, run_bench
-from tcsmae.bench.training import (Trainer, batch_sweep, build_trainer, flops_per_pair,
-                                   measure_end_to_end, measure_train)
+from tcsmae.bench.training import (
+                                   Trainer,
+                                   batch_sweep,
+                                   build_trainer,
+                                   flops_per_pair,
+                                   measure_end_to_end,
+                                   measure_train,
+)
+from tcsmae.phantom.store import PHANTOM_VERSION, phantom_store
 
 __all__ = [
     "HELP", "add_arguments", "command_line", "config_from_args", "run",

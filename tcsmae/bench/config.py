@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from tcsmae.errors import UserError
+from tcsmae.pretrain.config import preset
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,6 @@ class BenchConfig:
 def train_config(cfg: BenchConfig):
     """The pretraining config benchmarked: the paper preset (demo for --quick) with the
     bench's encoder, size, batch and workers."""
-    from tcsmae.config import preset
 
     base = preset("demo" if cfg.quick else "paper")
     return replace(base, model=replace(base.model, encoder=cfg.encoder),

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tcsmae.atomic_files import write_json_atomic
+
 
 def figure(result: dict, dotted: str):
     """The value at a dotted key of a result ("read.slices_per_s"); None when any part is missing."""
@@ -107,7 +109,6 @@ def _clean(value):
 
 def write_result(result: dict, out: str | Path) -> Path:
     """Write the result JSON atomically (temp file in the same folder + os.replace)."""
-    from tcsmae.atomic_files import write_json_atomic
 
     return write_json_atomic(out, _clean(result), indent=2, allow_nan=False)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+from tcsmae.bench.preprocess import measure_preprocess
+
 
 def timed(step, seconds: float, warmup: int = 1) -> tuple[int, float]:
     """Call step() (returns items done) `warmup` times, then until `seconds` have passed.
@@ -107,7 +109,6 @@ def measure_preprocess_stage(hu, pcfg, device: str, workers: int, batch_size: in
     """
     import numpy as np
 
-    from tcsmae.pipelines.throughput import measure_preprocess
 
     n_batches = max(2, len(hu) // batch_size)
     if "baseline" in which:

@@ -12,9 +12,18 @@ from tcsmae.bench.data import default_phantom, slice_pool
 from tcsmae.bench.machine import machine_info
 from tcsmae.bench.report import figure
 from tcsmae.bench.stages import measure_preprocess_stage, measure_read
-from tcsmae.bench.training import (batch_sweep, build_trainer, flops_per_pair, measure_end_to_end,
-                                   measure_train)
+from tcsmae.bench.training import (
+    batch_sweep,
+    build_trainer,
+    flops_per_pair,
+    measure_end_to_end,
+    measure_train,
+)
+from tcsmae.device import resolve_device
 from tcsmae.errors import UserError
+from tcsmae.plain import to_plain
+from tcsmae.pretrain.engine import git_revision
+from tcsmae.store.reader import open_store
 
 # Dotted keys every result file holds (value: a number, or null when not measured).
 FIGURE_KEYS = (
@@ -32,7 +41,6 @@ def _ratio(num, den):
 
 
 def _git_revision() -> str | None:
-    from tcsmae.engine import git_revision
 
     return git_revision()
 
@@ -46,9 +54,6 @@ def run_bench(cfg: BenchConfig, say=print, save=None) -> dict:
 
     import torch
 
-    from tcsmae.config import to_plain
-    from tcsmae.convert.store import open_store
-    from tcsmae.device import resolve_device
 
     started = time.perf_counter()
     resolve_device(cfg.device)  # UserError for --device cuda without a GPU

@@ -6,7 +6,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 
+from tcsmae.bench.probe import gpu_peak
 from tcsmae.bench.stages import timed
+from tcsmae.distributed import DistContext, resolve_device
+from tcsmae.pipelines.loader import make_loader
+from tcsmae.pretrain.batches import SyntheticBatches
+from tcsmae.pretrain.step import build_training, train_step
 
 
 @dataclass
@@ -28,8 +33,6 @@ class Trainer:
 
 
 def build_trainer(tcfg, device: str) -> Trainer:
-    from tcsmae.distributed import DistContext, resolve_device
-    from tcsmae.engine import build_training
 
     dev = resolve_device(device)
     ctx = DistContext(rank=0, world_size=1, local_rank=0, device=dev)
@@ -47,7 +50,6 @@ def flops_per_pair(trainer: Trainer, pairs: int = 2) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from tcsmae.engine import SyntheticBatches
 
     setup, dev = trainer.setup, trainer.ctx.device
     batch = SyntheticBatches(pairs, trainer.size, 1, device=dev).batch(0, 0)
@@ -66,7 +68,6 @@ def measure_train(trainer: Trainer, batch_size: int, seconds: float, flops: floa
 
     import torch
 
-    from tcsmae.engine import SyntheticBatches, train_step
 
     dev = trainer.ctx.device
     batch = SyntheticBatches(batch_size, trainer.size, 1, device=dev).batch(0, 0)
@@ -92,7 +93,6 @@ def measure_train(trainer: Trainer, batch_size: int, seconds: float, flops: floa
     if flops:
         out["flops_per_pair"] = flops
         out["tflops"] = flops * out["pairs_per_s"] / 1e12
-        from tcsmae.engine import gpu_peak
 
         peak, text = gpu_peak(torch.cuda.get_device_name(dev) if dev.type == "cuda" else None)
         out["mfu"] = flops * out["pairs_per_s"] / peak if peak else None
@@ -133,8 +133,6 @@ def measure_end_to_end(trainer: Trainer, store_path, pcfg, batch_size: int, work
     """
     import torch
 
-    from tcsmae.engine import train_step
-    from tcsmae.pipelines.loader import make_loader
 
     dev = trainer.ctx.device
     py_workers = max(1, workers // 2)

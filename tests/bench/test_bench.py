@@ -38,7 +38,7 @@ def bench_run(tiny_store, tmp_path_factory):
 
 
 def test_phantom_store_is_complete(tiny_store):
-    from tcsmae.convert.store import open_store
+    from tcsmae.store.reader import open_store
 
     store = open_store(tiny_store)
     assert store.n_slices == 16 and len(store.case_ids) == 2
@@ -153,7 +153,7 @@ def test_bench_on_gpu_measures_gpu_figures(tiny_store, tmp_path):
     assert result["preprocess"]["dali_gpu_large_batch"]["slices_per_s"] > 0
     assert result["machine"]["gpu"]
     assert 0 < result["train_step"]["peak_mem_gb"] < 200
-    from tcsmae.engine import gpu_peak
+    from tcsmae.bench.probe import gpu_peak
 
     peak = gpu_peak(result["machine"]["gpu"])[0]
     if peak:  # a GPU of known peak: MFU is the achieved FLOP rate over it
@@ -196,7 +196,7 @@ def test_readme_row_has_one_cell_per_column(bench_run):
 
 
 def test_gpu_peak_table_tells_h100_pcie_from_sxm():
-    from tcsmae.engine import gpu_peak
+    from tcsmae.bench.probe import gpu_peak
 
     assert gpu_peak("NVIDIA H100 PCIe")[0] == 756e12
     assert gpu_peak("NVIDIA H100 80GB HBM3")[0] == 989e12

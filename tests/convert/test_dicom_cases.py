@@ -5,6 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+    generate_uid,
+)
+
+from tcsmae.cli import main
+from tcsmae.store.reader import open_store
+
 from dicom_factory import (
     copy_dataset,
     ct_series,
@@ -18,19 +32,6 @@ from dicom_factory import (
     stored_of,
     write_series,
 )
-from pydicom.dataset import Dataset
-from pydicom.encaps import encapsulate
-from pydicom.uid import (
-    DeflatedExplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGLSLossless,
-    JPEGLosslessSV1,
-    RLELossless,
-    generate_uid,
-)
-
-from tcsmae.cli import main
-from tcsmae.convert.store import open_store
 
 
 @pytest.fixture

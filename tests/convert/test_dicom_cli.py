@@ -10,10 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dicom_factory import ct_series, dicom_affine, write_nifti_labels, write_series
 
 from tcsmae.cli import main
-from tcsmae.convert.store import StoreWriter, open_store
+from tcsmae.store.reader import open_store
+from tcsmae.store.writer import StoreWriter
+
+from dicom_factory import ct_series, dicom_affine, write_nifti_labels, write_series
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -355,10 +357,10 @@ def test_parallel_workers_report_failures_like_one_worker(tmp_path, convert, two
 
 def test_worker_process_killed_after_writing_arrays(tmp_path, convert, two_series, monkeypatch):
     """A worker dies (as if killed for memory) after writing its case: no half case, clear message."""
-    import tcsmae.convert.store as store_module
+    import tcsmae.convert.dicom_to_zarr as d2z
 
     root, a, b = two_series
-    original = store_module.write_case_arrays
+    original = d2z.write_case_arrays
 
     def write_then_die(path, case_id, *args, **kwargs):
         result = original(path, case_id, *args, **kwargs)
@@ -366,10 +368,9 @@ def test_worker_process_killed_after_writing_arrays(tmp_path, convert, two_serie
             os._exit(9)
         return result
 
-    monkeypatch.setattr(store_module, "write_case_arrays", write_then_die)  # forked workers inherit it
+    monkeypatch.setattr(d2z, "write_case_arrays", write_then_die)  # forked workers inherit it
     # threads left by earlier tests in this process (torch, DALI) would make the converter use a
     # forkserver, whose workers would not inherit the patch: fork regardless, as on a clean start
-    import tcsmae.convert.dicom_to_zarr as d2z
 
     monkeypatch.setattr(d2z, "_fork_safe", lambda: True)
     (tmp_path / "k.zarr").mkdir()  # an existing folder: kept even when nothing gets committed
@@ -410,7 +411,7 @@ def test_no_fork_while_a_foreign_thread_runs(monkeypatch):
 
 
 def test_nifti_given_to_the_dicom_converter_points_to_convert_nifti(tmp_path):
-    from tcsmae.convert.dicom_series import scan_file
+    from tcsmae.convert.dicom_scan import scan_file
 
     (tmp_path / "ct.nii.gz").write_bytes(b"\x1f\x8b" + bytes(400))
     result = scan_file(tmp_path / "ct.nii.gz")
@@ -438,7 +439,8 @@ def test_rerun_reports_a_damaged_case_and_overwrite_rebuilds_it(tmp_path, conver
 
 def test_failed_rebuild_with_overwrite_keeps_the_old_case(tmp_path, convert, two_series, monkeypatch):
     """--overwrite deleted the case before decoding its source: a failed rebuild lost it."""
-    import tcsmae.convert.dicom_series as dicom_series
+    import tcsmae.convert.dicom_scan as dicom_scan
+    import tcsmae.convert.dicom_to_zarr as d2z
 
     root, a, b = two_series
     out_zarr = tmp_path / "s.zarr"
@@ -447,9 +449,9 @@ def test_failed_rebuild_with_overwrite_keeps_the_old_case(tmp_path, convert, two
     reader = store.read_slice(0, 2)  # a reader of the store, open during the rebuild
 
     def broken(plan, strict=False):
-        raise dicom_series.SeriesError("simulated undecodable pixel data", plan.first_file)
+        raise dicom_scan.SeriesError("simulated undecodable pixel data", plan.first_file)
 
-    monkeypatch.setattr(dicom_series, "read_series", broken)
+    monkeypatch.setattr(d2z, "read_series", broken)
     code, out = convert(root / "a", "-o", out_zarr, "--overwrite")
     monkeypatch.undo()
     assert code == 1 and "simulated undecodable" in out, out

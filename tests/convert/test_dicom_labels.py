@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from dicom_factory import ct_series, dicom_affine, write_nifti_labels, write_series
 
 from tcsmae.cli import main
 from tcsmae.convert.label_alignment import LabelGridError, align_labels
-from tcsmae.convert.store import open_store
+from tcsmae.store.reader import open_store
+
+from dicom_factory import ct_series, dicom_affine, write_nifti_labels, write_series
 
 
 def _grid(series):

@@ -10,7 +10,7 @@ import pydicom
 import pytest
 
 from tcsmae.cli import main
-from tcsmae.convert.store import open_store
+from tcsmae.store.reader import open_store
 
 
 @pytest.fixture(scope="module")

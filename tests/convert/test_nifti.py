@@ -12,10 +12,15 @@ import numpy as np
 import pytest
 
 from tcsmae.cli import main as cli
-from tcsmae.convert.nifti_to_zarr import (combine_totalseg_masks, convert_sources, make_source,
-                                          read_image, totalsegmentator_ids)
-from tcsmae.convert.store import open_store
+from tcsmae.convert.nifti_to_zarr import (
+    combine_totalseg_masks,
+    convert_sources,
+    make_source,
+    read_image,
+    totalsegmentator_ids,
+)
 from tcsmae.errors import UserError
+from tcsmae.store.reader import open_store
 
 REPO = Path(__file__).resolve().parents[2]
 LUNGS = (10, 11, 12, 13, 14)

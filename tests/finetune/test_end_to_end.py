@@ -38,7 +38,8 @@ LUNG_IDS = [10, 11, 12, 13, 14]
 @pytest.fixture(scope="module")
 def stores(shared_data, tmp_path_factory):
     """Converted stores: `nifti` (small volume), `both` (DICOM + NIfTI), `flipped` (NIfTI labels flipped)."""
-    from tcsmae.convert.store import StoreWriter, open_store
+    from tcsmae.store.reader import open_store
+    from tcsmae.store.writer import StoreWriter
 
     root = tmp_path_factory.mktemp("e2e")
     dicom = ["convert", str(shared_data / "totalseg-dicom-series"), "--labels",
@@ -132,8 +133,8 @@ def test_liver_both_volumes_train_equals_val_and_predict_dicom(stores, shared_da
 
 
 def _fold_validating_dicom(store_path) -> int:
-    from tcsmae.convert.store import open_store
-    from tcsmae.folds import make_folds
+    from tcsmae.finetune.folds import make_folds
+    from tcsmae.store.reader import open_store
 
     store = open_store(store_path)
     folds, _ = make_folds(store.case_ids, [""] * 2, 2, seed=0)

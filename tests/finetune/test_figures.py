@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 from skimage.metrics import structural_similarity
+from test_finetune import _store
 
 from tcsmae.cli import main
-from tcsmae.convert.store import open_store
 from tcsmae.pipelines.config import PipelineConfig
-from tcsmae.recon_ssim import prepared_pair, reconstruction_ssim, sample_slices
-
-from test_finetune import _store
+from tcsmae.pipelines.reference import prepared_pair
+from tcsmae.pretrain.recon_ssim import reconstruction_ssim, sample_slices
+from tcsmae.store.reader import open_store
 
 pytestmark = pytest.mark.filterwarnings("ignore:case .* has no patient id")
 
@@ -82,8 +82,8 @@ def test_recon_ssim_cli_writes_values_and_plot(tmp_path, capsys):
 def test_visualize_panels(tmp_path):
     import matplotlib.image as mpimg
 
-    from tcsmae.finetune import FinetuneConfig, build_model, export_finetuned
-    from tcsmae.labelmap import LabelMap
+    from tcsmae.finetune.command import FinetuneConfig, build_model, export_finetuned
+    from tcsmae.finetune.labelmap import LabelMap
 
     store = _store(tmp_path / "s.zarr", n=2)
     weights = _pretrained(tmp_path)

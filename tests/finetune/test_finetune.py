@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from tcsmae.case_digests import salted_digest
 from tcsmae.cli import main
 from tcsmae.errors import UserError
-from tcsmae.finetune import FinetuneConfig, build_model, finetune
-from tcsmae.folds import salted_digest
-from tcsmae.inference import logits_to_stored_grid, segment_volume
-from tcsmae.metrics import dice
+from tcsmae.finetune.command import FinetuneConfig, build_model, finetune
+from tcsmae.finetune.inference import logits_to_stored_grid, segment_volume
+from tcsmae.finetune.metrics import dice
 from tcsmae.pipelines.config import PipelineConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore:case .* has no patient id")
@@ -39,7 +39,7 @@ def _attrs(n_slices, patient_id, series_uid, sha):
 
 
 def _store(path, n=3, seed=0, series=None):
-    from tcsmae.convert.store import StoreWriter
+    from tcsmae.store.writer import StoreWriter
 
     rng = np.random.default_rng(seed)
     with StoreWriter(path) as w:
@@ -130,7 +130,7 @@ def test_leakage_guard_refuses_then_allows(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "case1: its series appeared in pretraining" in err and "--allow-overlap" in err
     assert not (tmp_path / "run" / "results.json").exists()
-    import tcsmae.finetune as ft
+    import tcsmae.finetune.command as ft
 
     reached = []
     monkeypatch.setattr(ft, "run_fold", lambda *a, **k: reached.append(a[3]))  # skip training
@@ -197,7 +197,7 @@ def test_finetune_and_predict_on_gpu(tmp_path):
 
 
 def test_store_without_labels_is_refused(tmp_path):
-    from tcsmae.convert.store import StoreWriter
+    from tcsmae.store.writer import StoreWriter
 
     path = tmp_path / "s.zarr"
     with StoreWriter(path) as w:
@@ -209,7 +209,7 @@ def test_store_without_labels_is_refused(tmp_path):
 
 def test_unlabelled_cases_are_left_out_with_a_warning(tmp_path):
     store = _store(tmp_path / "s.zarr", n=2)
-    from tcsmae.convert.store import StoreWriter
+    from tcsmae.store.writer import StoreWriter
 
     with StoreWriter(store) as w:
         hu, _ = _disk_case(np.random.default_rng(5))

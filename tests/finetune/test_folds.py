@@ -6,8 +6,9 @@ import json
 
 import pytest
 
+from tcsmae.case_digests import salted_digest
 from tcsmae.errors import UserError
-from tcsmae.folds import check_leakage, make_folds, salted_digest, write_folds
+from tcsmae.finetune.folds import check_leakage, make_folds, write_folds
 
 
 def _cases():

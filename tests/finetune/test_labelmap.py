@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tcsmae.errors import UserError
-from tcsmae.labelmap import LabelMap, load_label_map
+from tcsmae.finetune.labelmap import LabelMap, load_label_map
 
 
 def _write(tmp_path, doc, name="map.json"):
@@ -91,7 +91,7 @@ def test_chest11_has_the_eleven_classes_with_right_ids(shared_data):
 
 
 def test_phantom_maps_match_phantom_label_ids():
-    from tcsmae.convert.phantom import LABEL_IDS
+    from tcsmae.phantom.anatomy import LABEL_IDS
 
     m = load_label_map("phantom")
     for cname, ids in m.classes.items():
@@ -102,7 +102,7 @@ def test_phantom_maps_match_phantom_label_ids():
 
 
 def test_map_checked_against_the_ids_a_store_holds():
-    from tcsmae.labelmap import check_against_ids, load_label_map
+    from tcsmae.finetune.labelmap import check_against_ids, load_label_map
 
     chest = load_label_map("chest11")
     with pytest.raises(UserError, match="none of the label ids"):

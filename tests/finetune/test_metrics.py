@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
-from tcsmae.metrics import dice, hausdorff_percentile, hd95, score_label_maps, summarise
+from tcsmae.finetune.metrics import dice, hausdorff_percentile, hd95, score_label_maps, summarise
 
 
 def _surface_points_mm(mask: np.ndarray, spacing) -> np.ndarray:

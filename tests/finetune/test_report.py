@@ -11,8 +11,8 @@ from scipy.stats import wilcoxon
 
 from tcsmae.cli import main
 from tcsmae.errors import UserError
-from tcsmae.metrics import fold_summary, mean_std, over_folds
-from tcsmae.report import Run, format_report, load_run, paired_wilcoxon
+from tcsmae.finetune.metrics import fold_summary, mean_std, over_folds
+from tcsmae.finetune.report import Run, format_report, load_run, paired_wilcoxon
 
 
 def _case(dsc_a, hd_a, dsc_b=None, hd_b=None):

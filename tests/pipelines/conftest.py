@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from pipeline_helpers import make_store, real_hu_slices
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tcsmae.convert.store import StoreWriter
+from tcsmae.store.writer import StoreWriter
 
 ATTRS = {"spacing_mm": [2.0, 1.0, 1.0], "origin_mm": [0.0, 0.0, 0.0],
          "direction": [[1, 0, 0], [0, 1, 0], [0, 0, 1]], "patient_id": "p",

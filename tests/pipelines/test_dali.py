@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from pipeline_helpers import gpu, random_ct, run_graph
 
-from tcsmae.convert.store import StoreWriter
-from tcsmae.pipelines import masking
 from tcsmae.pipelines.config import PipelineConfig
 from tcsmae.pipelines.loader import make_loader
 from tcsmae.pipelines.reference import preprocess_slice
 from tcsmae.pipelines.resize import pad_to_square, resize_nearest
 from tcsmae.pipelines.source import draw_mask
+from tcsmae.store.writer import StoreWriter
+
+from pipeline_helpers import gpu, random_ct, run_graph
 
 
 def _inputs(cfg, shapes, seed=0, integer=False):

@@ -139,8 +139,9 @@ def test_cuda_source_compiles_with_nvrtc_and_exports_every_kernel():
     source for Ampere and Hopper without a warning, and the PTX holds every kernel."""
     import re
 
-    import cuda_emulator
     from cuda.bindings import nvrtc
+
+    import cuda_emulator
 
     names = set(cuda_emulator.kernel_signatures(kernels._CUDA_SOURCE))
     assert {"window_edges_f32", "window_edges_i16", "tissue_mask_apply", "patch_mask_apply",

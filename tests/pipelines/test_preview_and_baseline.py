@@ -5,15 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from pipeline_helpers import make_store
 
+from tcsmae.bench.preprocess import measure_preprocess, synthetic_batches
 from tcsmae.cli import main
 from tcsmae.pipelines import edges, masking, windowing
 from tcsmae.pipelines.baseline import BaselineDataset, baseline_loader
 from tcsmae.pipelines.config import PipelineConfig
 from tcsmae.pipelines.reference import preprocess_slice
 from tcsmae.pipelines.source import draw_mask
-from tcsmae.pipelines.throughput import measure_preprocess, synthetic_batches
+
+from pipeline_helpers import make_store
 
 
 def test_preview_size0_npz_satisfies_the_equations(tmp_path):
@@ -50,8 +51,8 @@ def test_preview_resized_png(tiny_store, tmp_path):
 
 
 def test_preview_rows_name_the_store_case(tiny_store):
-    from tcsmae.convert.store import open_store
     from tcsmae.pipelines.preview import preview_batch
+    from tcsmae.store.reader import open_store
 
     path, _ = tiny_store
     batch = preview_batch(path, PipelineConfig(size=32, seed=1), 4)

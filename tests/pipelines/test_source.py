@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from tcsmae.convert.store import open_store
 from tcsmae.errors import UserError
 from tcsmae.pipelines.config import PipelineConfig
 from tcsmae.pipelines.loader import make_loader
 from tcsmae.pipelines.source import SliceSource
+from tcsmae.store.reader import open_store
 
 
 class _Info:
@@ -264,7 +264,7 @@ def test_case_filter_keeps_only_chosen_cases_and_skips_unlabelled_others(tiny_st
     with pytest.raises(UserError, match="no case"):
         SliceSource(path, PipelineConfig(size=32), 2, case_ids=["not-a-case"])
     # a store where one case has no labels: with_labels works for the labelled ones only
-    from tcsmae.convert.store import StoreWriter
+    from tcsmae.store.writer import StoreWriter
 
     mixed = tmp_path / "mixed.zarr"
     hu = np.full((6, 16, 16), 40.0)
@@ -278,7 +278,7 @@ def test_case_filter_keeps_only_chosen_cases_and_skips_unlabelled_others(tiny_st
 
 
 def test_empty_store_says_it_holds_no_cases(tmp_path):
-    from tcsmae.convert.store import StoreWriter
+    from tcsmae.store.writer import StoreWriter
 
     with StoreWriter(tmp_path / "empty.zarr"):
         pass

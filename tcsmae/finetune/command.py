@@ -1,0 +1,174 @@
+"""`tcsmae finetune`: downstream segmentation from pretrained (or scratch) weights, K-fold CV.
+
+    tcsmae finetune --data STORE.zarr --out DIR --init weights.pt|scratch [--encoder NAME]
+        [--labels-map MAP.json|chest11|phantom] [--folds 5 [--fold K]] [--epochs 50]
+        [--lr 1e-6] [--batch-size 16] [--size 256] [--device auto|cpu|cuda]
+        [--allow-overlap] [--seed 0] [--evaluate last|best]
+
+Model: the exported smp U-Net (encoder and decoder) with the 3-channel reconstruction head
+replaced by a freshly initialised smp head: 1 channel (sigmoid) for one class, C + 1
+channels (softmax, channel 0 = background) for C classes. Loss: cross-entropy (BCE for one
+class) + Dice (smp.losses), equal weights. Adam; defaults lr 1e-6 and 50 epochs are the
+paper's (IV.B), far too slow for a quick check: pass e.g. --lr 1e-3 there.
+
+Data: the pipelines' loader with masking off (labels resized nearest-neighbour), restricted
+to the fold's training cases. Validation segments whole volumes (tcsmae.inference): the
+predictions go back to the stored grid and are stacked into volumes; DSC per epoch
+(mean over the classes present, then over cases) goes to history and `DIR/val_dsc.png`
+(like the paper's Fig. 4). After the last epoch the fold is scored with DSC and HD95 in
+mm per class and per group (tcsmae.metrics) using the `--evaluate` checkpoint.
+
+Output folder:
+
+    DIR/folds.json                 the patient-grouped split (tcsmae.folds)
+    DIR/fold_K/last.pt, best.pt    checkpoints (resume: run the same command again)
+    DIR/fold_K/scores.json         per-case scores, the fold summary, the DSC history
+    DIR/fold_K/history.json        per epoch: training loss, online validation DSC (per case too)
+    DIR/fold_K/finetuned.pt/.json  the fine-tuned smp.Unet state dict + what `predict` needs
+    DIR/results.json               folds, mean, std, cases, config, label map, weights' metadata
+    DIR/val_dsc.png                online validation DSC per epoch (Fig. 4)
+
+results.json:
+
+    folds      [{"fold": k, "evaluated_epoch": e,
+                 "classes": {name: {"dsc", "hd95_mm", "n_undefined": {"dsc", "hd95_mm"}, "n_cases"}},
+                 "groups": {...same...}}]      a fold's figure = mean over its validation cases
+    mean, std  same shape, over folds (population std; null when fewer than 2 folds have a
+               defined value); n_undefined and n_cases are totals
+    cases      {case_id: {"fold": k, "classes": {name: {"dsc", "hd95_mm"}}, "groups": ...}}
+               (per-case values: the pairs of `tcsmae report`'s Wilcoxon test)
+    config     asdict(FinetuneConfig); label_map; weights (weights.json, or {"init": "scratch"})
+    complete   all folds done; n_folds; run (folder name)
+
+Undefined values are null (never NaN): DSC when the reference is empty (the structure is
+absent from the case), HD95 when the prediction or the reference is empty (tcsmae.metrics);
+means are over the defined values and n_undefined counts the rest.
+
+Code (each module imports only those after it): this one is the command and the run over
+folds; finetune_fold.py trains, resumes and scores one fold; finetune_validation.py segments
+the validation volumes; finetune_outputs.py writes finetuned.pt/.json, results.json and
+val_dsc.png; finetune_config.py holds the settings, the starting weights and the model.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from tcsmae.atomic_files import write_json_atomic
+from tcsmae.device import resolve_device
+from tcsmae.errors import UserError
+from tcsmae.finetune.config import EVALUATE, FinetuneConfig, pipeline_from_metadata, resolve_encoder
+from tcsmae.finetune.fold import run_fold
+from tcsmae.finetune.folds import check_leakage, make_folds, write_folds
+from tcsmae.finetune.labelmap import check_against_ids, load_label_map
+from tcsmae.finetune.model import build_model
+from tcsmae.finetune.outputs import collect_results, export_finetuned, plot_val_dsc
+from tcsmae.finetune.report import Run, format_report
+from tcsmae.store.reader import open_store
+from tcsmae.weights import weights_metadata
+
+# the names tests and callers use from here; run_fold, collect_results and plot_val_dsc are
+# looked up in this module by `finetune`, so a test can replace them here
+__all__ = ["HELP", "FinetuneConfig", "build_model", "export_finetuned", "finetune", "run_fold",
+           "collect_results", "plot_val_dsc", "add_arguments", "run"]
+
+HELP = "fine-tune a U-Net from pretrained weights (or scratch) with patient-grouped K-fold CV, DSC and HD95"
+
+
+def start_summary(cfg: FinetuneConfig, encoder: str, device, folds: list, chosen, slices: dict[str, int]) -> str:
+    """What the run will do, printed once at the start: settings, then each chosen fold's data.
+
+    folds: tcsmae.folds Fold entries (train, val case ids); slices: case id -> slice count.
+    """
+    start = "scratch (random weights)" if cfg.init == "scratch" else cfg.init
+    which = "all" if cfg.fold is None else f"only fold {cfg.fold}"
+    lines = [f"fine-tuning {encoder} from {start} on {device}: {cfg.folds} fold(s) ({which}), "
+             f"{cfg.epochs} epochs, lr {cfg.lr:g}, batch {cfg.batch_size}, size {cfg.size}, "
+             f"{sum(len(f.val) for f in folds)} labelled cases"]
+    for k in chosen:
+        train = sum(slices[c] for c in folds[k].train)
+        val = sum(slices[c] for c in folds[k].val)
+        lines.append(f"  fold {k}: train {len(folds[k].train)} case(s) ({train} slices, "
+                     f"{train // cfg.batch_size} batches per epoch), validation {len(folds[k].val)} case(s) "
+                     f"({val} slices)")
+    return "\n".join(lines)
+
+
+def finetune(data: str | Path, out: str | Path, cfg: FinetuneConfig) -> dict:
+    """Run the configured folds and write results.json; returns its content."""
+
+    out_dir = Path(out)
+    store = open_store(data)
+    label_map = load_label_map(cfg.label_map)
+    meta = weights_metadata(cfg.init)
+    encoder = resolve_encoder(cfg, meta)
+    if meta:
+        cfg = replace(cfg, pipeline=pipeline_from_metadata(meta, cfg.size))
+    labelled = [c for c in store.case_ids if store.has_labels(c)]
+    unlabelled = [c for c in store.case_ids if c not in labelled]
+    if not labelled:
+        raise UserError(f"{data}: no case has labels; convert with --labels (or a manifest labels column)")
+    if unlabelled:
+        warnings.warn(f"{len(unlabelled)} case(s) without labels are left out: {unlabelled[:5]}", stacklevel=2)
+    present = {i for c in labelled for i in store.label_ids(c)}  # recorded at conversion
+    for msg in check_against_ids(label_map, present, str(data)):
+        warnings.warn(msg, stacklevel=2)
+    attrs = {c: store.case_attrs(c) for c in labelled}
+    for msg in check_leakage(attrs, meta.get("pretraining_cases"), cfg.allow_overlap):
+        warnings.warn(msg + " (allowed by --allow-overlap)", stacklevel=2)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    folds, messages = make_folds(labelled, [attrs[c].get("patient_id", "") for c in labelled], cfg.folds, cfg.seed)
+    write_folds(out_dir, folds, cfg.folds, cfg.seed, messages)
+    chosen = range(cfg.folds) if cfg.fold is None else [cfg.fold]
+    per_case = np.bincount(store.slice_case, minlength=len(store.case_ids))
+    slices = {c: int(per_case[i]) for i, c in enumerate(store.case_ids)}
+    print(start_summary(cfg, encoder, resolve_device(cfg.device), folds, chosen, slices))
+    for k in chosen:
+        run_fold(store, data, cfg, k, folds[k].train, folds[k].val, label_map, encoder, meta, out_dir)
+        results = collect_results(out_dir, cfg, label_map, meta)
+        write_json_atomic(out_dir / "results.json", results)
+    plot_val_dsc(out_dir)
+    return results
+
+
+def add_arguments(parser) -> None:
+    d = FinetuneConfig()
+    parser.add_argument("--data", required=True, type=Path, help="labelled store (STORE.zarr)")
+    parser.add_argument("--out", required=True, type=Path, help="output folder (re-run to resume)")
+    parser.add_argument("--init", required=True, help="weights.pt from `tcsmae export`, or 'scratch'")
+    parser.add_argument("--encoder", default="", help="smp encoder (default: weights.json's; mit_b2 for scratch)")
+    parser.add_argument("--labels-map", dest="label_map", default=None,
+                        help="label map JSON, or a shipped one: chest11, phantom, phantom-lesion "
+                             "(default: binary, every non-zero label)")
+    parser.add_argument("--folds", type=int, default=d.folds, help=f"K of patient-grouped K-fold CV (default {d.folds}; 1 = train=val)")
+    parser.add_argument("--fold", type=int, default=None, help="run only fold K (0-based)")
+    parser.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs per fold (default {d.epochs}, the paper's)")
+    parser.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default {d.lr:g}, the paper's)")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"slices per step (default {d.batch_size})")
+    parser.add_argument("--size", type=int, default=d.size, help=f"training side in pixels (default {d.size})")
+    parser.add_argument("--device", default=d.device, help="auto, cpu or cuda")
+    parser.add_argument("--allow-overlap", action="store_true", help="fine-tune even on cases seen in pretraining")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of folds, head init and sample order")
+    parser.add_argument("--evaluate", choices=EVALUATE, default=d.evaluate,
+                        help="checkpoint that scores each fold (default last)")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=d.precision,
+                        help="training autocast: auto = bf16 on the GPU, fp32 on the CPU")
+    parser.add_argument("--workers", type=int, default=d.workers,
+                        help=f"loader reader processes (default {d.workers}; 0 = main process)")
+
+
+def run(args) -> int:
+    cfg = FinetuneConfig(init=args.init, encoder=args.encoder, label_map=args.label_map, folds=args.folds,
+                         fold=args.fold, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                         size=args.size, seed=args.seed, device=args.device, allow_overlap=args.allow_overlap,
+                         evaluate=args.evaluate, workers=args.workers, precision=args.precision)
+    results = finetune(args.data, args.out, cfg)
+
+    print(format_report([Run(name=Path(args.out).name, path=Path(args.out) / "results.json", results=results)]),
+          end="")
+    print(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'val_dsc.png'}")
+    return 0

@@ -1,0 +1,222 @@
+"""Pretraining configuration: frozen dataclasses, two presets, JSON files.
+
+    TrainConfig                     everything one pretraining run depends on
+      .model: ModelConfig           network and MEP heads (method-notes "Model")
+      .loss: LossConfig             SSIM + NT-Xent (method-notes "Losses")
+      .pipeline: PipelineConfig     windows, masks, size (pipelines/config.py, embedded as is)
+
+`preset("paper")` is the paper's configuration (the default); `preset("demo")` is small
+enough for a CPU. `load_config_file(path, base)` applies a JSON file of (nested) overrides;
+`asdict(cfg)` goes into every checkpoint and `config_from_dict` reads it back.
+No torch import here: the CLI reads configs before deciding to pay for torch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from tcsmae.errors import UserError
+from tcsmae.pipelines.config import PipelineConfig
+from tcsmae.plain import to_plain
+from tcsmae.settings import _apply
+
+PRESETS = ("paper", "demo")
+MEP_LEVEL_CHOICES = ((), (5,), (4, 5), (3, 4, 5))  # Table V: Scales 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The U-Net and its multi-level embedding projections (MEP)."""
+
+    encoder: str = "mit_b2"
+    """smp encoder name (any of segmentation_models_pytorch.encoders.get_encoder_names())."""
+    encoder_weights: str | None = None
+    """smp pretrained-weights tag (e.g. "imagenet"), None = random init as in the paper."""
+    mep_levels: tuple[int, ...] = (4, 5)
+    """Encoder levels F1..F5 with a projection head; () = no contrastive term ('Scales 0'),
+    (5,) 'Scales 1', (4, 5) 'Scales 2' (paper default), (3, 4, 5) 'Scales 3'.
+    F1..F5 are the last five of smp's six encoder feature maps."""
+    projection: str = "flatten"
+    """'flatten' = flatten + one Linear (Eq. 16, the paper); 'maxpool' = global max-pool +
+    one Linear (the authors' public code, used by the 'authors' variant)."""
+    projection_dim: int = 128
+    """D, the size of each projected embedding."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "mep_levels", tuple(int(v) for v in self.mep_levels))
+        levels = self.mep_levels
+        if any(v < 1 or v > 5 for v in levels) or list(levels) != sorted(set(levels)):
+            raise UserError(
+                f"model.mep_levels={list(levels)} is not valid: use increasing distinct levels "
+                f"from 1..5, e.g. one of {[list(c) for c in MEP_LEVEL_CHOICES]}"
+            )
+        if self.projection not in ("flatten", "maxpool"):
+            raise UserError(f"model.projection={self.projection!r}: use 'flatten' or 'maxpool'")
+        if self.projection_dim < 1:
+            raise UserError(f"model.projection_dim={self.projection_dim}: must be >= 1")
+        if not self.encoder:
+            raise UserError("model.encoder is empty: name an smp encoder such as 'mit_b2'")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """L = L_ssim + weight * L_con (Eq. 18)."""
+
+    contrastive: str = "ntxent"
+    """'ntxent' = SimCLR NT-Xent with a learnable temperature (the paper, method-notes);
+    'cosine' = cosine_scale * cosine-embedding loss (the authors' public code)."""
+    weight: float = 1.0
+    """lambda, the weight of the contrastive term."""
+    temperature_init: float = 0.07
+    """Initial NT-Xent temperature T (learnable, stored as log(1/T) like CLIP)."""
+    temperature_floor: float = 0.01
+    """T is clamped to >= this value."""
+    learn_temperature: bool = True
+    """False keeps T fixed at temperature_init."""
+    ssim_window: int = 11
+    """Gaussian SSIM window in pixels (odd); the authors' code used 15."""
+    ssim_sigma: float = 1.5
+    """Standard deviation of the SSIM window, pixels."""
+    ssim_k1: float = 0.01
+    """SSIM stabiliser K1 (data_range is 1.0: images are in 0..1)."""
+    ssim_k2: float = 0.03
+    """SSIM stabiliser K2."""
+    cosine_scale: float = 1000.0
+    """Factor of the authors' cosine-embedding loss (contrastive='cosine' only)."""
+
+    def __post_init__(self):
+        if self.contrastive not in ("ntxent", "cosine"):
+            raise UserError(f"loss.contrastive={self.contrastive!r}: use 'ntxent' or 'cosine'")
+        if self.ssim_window < 3 or self.ssim_window % 2 == 0:
+            raise UserError(f"loss.ssim_window={self.ssim_window}: use an odd size >= 3 (11 or 15)")
+        if not 0 < self.temperature_floor <= self.temperature_init:
+            raise UserError(
+                f"loss.temperature_floor={self.temperature_floor}, temperature_init="
+                f"{self.temperature_init}: need 0 < floor <= init (defaults 0.01, 0.07)"
+            )
+        if self.weight < 0:
+            raise UserError(f"loss.weight={self.weight}: lambda must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One pretraining run. Batch size is per rank; the global batch is batch_size * world."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Network and projection heads."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Loss terms and their options."""
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    """Preprocessing and masking (owned by pipelines/config.py); its `size` is the input size."""
+    epochs: int = 60
+    """Number of epochs (the paper: 60)."""
+    steps_per_epoch: int = 0
+    """Batches per epoch per rank; 0 = one full pass over the store (for huge stores, cap it)."""
+    batch_size: int = 30
+    """Slices per rank per step (the paper: 30 on one GPU)."""
+    lr: float = 1e-4
+    """Adam learning rate (the paper: 1e-4; not scaled with the world size automatically)."""
+    lr_gamma: float = 0.96
+    """ExponentialLR factor applied once per epoch."""
+    seed: int = 0
+    """Seed of the model init; setting it (flag or config file) also sets `pipeline.seed`,
+    the seed of the masks and the sample order, unless that is given too."""
+    device: str = "auto"
+    """'auto' (cuda if available), 'cpu' or 'cuda'."""
+    precision: str = "auto"
+    """'auto' (bf16 autocast on GPU, fp32 on CPU), 'bf16', 'fp16' (with a grad scaler) or 'fp32'.
+    Losses are always computed in fp32."""
+    channels_last: bool = True
+    """Use channels_last memory format for the network (faster convolutions on GPU)."""
+    compile: bool = False
+    """torch.compile the network."""
+    checkpoint_every: int = 1000
+    """Write checkpoints/last.pt every N global steps (0 = only at epoch ends)."""
+    log_every: int = 1
+    """Write a metrics.jsonl line every N steps."""
+    image_every: int = 500
+    """Write TensorBoard reconstruction images every N steps (0 = never)."""
+    max_nonfinite: int = 10
+    """Abort after this many consecutive steps with a non-finite loss (each is skipped)."""
+    workers: int = 2
+    """Data-loading worker threads/processes per rank."""
+
+    def __post_init__(self):
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "log_every": self.log_every,
+                    "max_nonfinite": self.max_nonfinite}
+        for name, value in positive.items():
+            if value < 1:
+                raise UserError(f"{name}={value}: must be >= 1")
+        for name in ("steps_per_epoch", "checkpoint_every", "image_every", "workers"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name}={getattr(self, name)}: must be >= 0")
+        if self.lr <= 0 or not 0 < self.lr_gamma <= 1:
+            raise UserError(f"lr={self.lr}, lr_gamma={self.lr_gamma}: need lr > 0 and 0 < gamma <= 1")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise UserError(f"device={self.device!r}: use auto, cpu or cuda")
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise UserError(f"precision={self.precision!r}: use auto, bf16, fp16 or fp32")
+        if self.input_size < 32 or self.input_size % 32:
+            raise UserError(
+                f"pipeline size={self.input_size}: pretraining needs a fixed square size that is a "
+                "multiple of 32 (the U-Net downsamples 5 times), e.g. 256 (paper) or 128 (demo)"
+            )
+
+    @property
+    def input_size(self) -> int:
+        """Training image side in pixels (the pipeline's output size)."""
+        return int(self.pipeline.size)
+
+
+def preset(name: str) -> TrainConfig:
+    """The named preset: 'paper' (mit_b2, 256x256, batch 30, Adam 1e-4, gamma 0.96, 60 epochs)
+    or 'demo' (mit_b0, 128x128, batch 8, 2 x 100 steps: a few minutes on a CPU)."""
+    if name == "paper":
+        return TrainConfig(pipeline=replace(PipelineConfig(), size=256))
+    if name == "demo":
+        return TrainConfig(
+            model=ModelConfig(encoder="mit_b0"),
+            pipeline=replace(PipelineConfig(), size=128),
+            epochs=2, steps_per_epoch=100, batch_size=8, checkpoint_every=100, image_every=50,
+        )
+    raise UserError(f"preset {name!r} is unknown: choose one of {list(PRESETS)}")
+
+
+def apply_overrides(cfg: TrainConfig, overrides: dict, where: str = "overrides") -> TrainConfig:
+    """cfg with nested overrides such as {"model": {"encoder": "mit_b0"}, "epochs": 3}.
+
+    A top-level "seed" also sets the pipeline's seed (masks, sample order, augmentation)
+    unless the overrides give "pipeline": {"seed": ...} themselves, so one seed changes a
+    whole run, from a flag or from a config file alike.
+    """
+    pipe = overrides.get("pipeline", {})
+    if "seed" in overrides and isinstance(pipe, dict) and "seed" not in pipe:
+        overrides = {**overrides, "pipeline": {**pipe, "seed": overrides["seed"]}}
+    return _apply(cfg, overrides, where)
+
+
+def load_config_file(path: str | Path, base: TrainConfig) -> TrainConfig:
+    """`base` updated by the JSON object in `path` (nested like asdict(TrainConfig))."""
+    path = Path(path)
+    try:
+        overrides = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist: pass an existing JSON file") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"config file {path} is not valid JSON ({exc}): fix the file") from None
+    if not isinstance(overrides, dict):
+        raise UserError(f"config file {path}: top level must be a JSON object like {{\"epochs\": 3}}")
+    return apply_overrides(base, overrides, where=f"config file {path}")
+
+
+def config_from_dict(d: dict) -> TrainConfig:
+    """Inverse of to_plain(asdict(cfg)) (e.g. from a checkpoint)."""
+    return apply_overrides(TrainConfig(), d, where="stored config")
+
+
+__all__ = [
+    "ModelConfig", "LossConfig", "TrainConfig", "PipelineConfig", "preset", "to_plain",
+    "apply_overrides", "load_config_file", "config_from_dict", "PRESETS",
+]
