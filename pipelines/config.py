@@ -16,9 +16,11 @@ The defaults are the method's (../shared/reference/method-notes.md, "Input image
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 from tcsmae.errors import UserError
+from tcsmae.settings import flag
 
 MASKING_MODES = ("tissue", "patch", "none")
 EDGE_SCALINGS = ("clip", "divide")
@@ -42,10 +44,11 @@ class PipelineConfig:
     intervals: int = 8
     """K: number of equal HU intervals of the tissue mask."""
 
-    rho: float = 0.75
-    """Tissue masking ratio: floor(rho * K) distinct intervals masked per sample."""
+    rho: float = field(default=0.75, metadata=flag("--rho", metavar="R"))
+    """Tissue masking ratio: floor(rho * K) distinct intervals masked per sample (the paper:
+    0.75 for mediastinal, 0.35 for pneumonia targets)."""
 
-    masking: str = "tissue"
+    masking: Literal["tissue", "patch", "none"] = field(default="tissue", metadata=flag("--masking"))
     """'tissue' (TCS-MAE), 'patch' (MAE baseline, Patch+Unmask ablation) or 'none' (M = 1)."""
 
     patch_size: int = 16
@@ -54,10 +57,10 @@ class PipelineConfig:
     patch_ratio: float = 0.75
     """Fraction of patches masked (patch masking): round(ratio * n_patches) patches."""
 
-    size: int = 256
+    size: int = field(default=256, metadata=flag("--size", metavar="PX"))
     """Output side in pixels (square, aspect kept by air padding); 0 keeps the stored grid."""
 
-    edge_scaling: str = "clip"
+    edge_scaling: Literal["clip", "divide"] = "clip"
     """Fixed rule mapping the Sobel magnitude (0..5.66) to 0..1, never per image:
     'clip' = min(magnitude, edge_clip); 'divide' = magnitude / (4 * sqrt(2))."""
 
@@ -79,7 +82,7 @@ class PipelineConfig:
     scale_range: tuple[float, float] = (0.9, 1.1)
     """Augmentation: isotropic scale drawn uniformly in this range."""
 
-    dtype: str = "float32"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     """Dtype of `original` and `masked` handed to the model: float32, float16 or bfloat16.
     `original` is also the SSIM target (I_o): bfloat16 rounds it by up to 2e-3 (0..1 range),
     more than the late-training SSIM gains (method-notes), so keep float32 for pretraining

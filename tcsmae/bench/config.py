@@ -2,36 +2,44 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Literal
 
-from tcsmae.errors import UserError
 from tcsmae.pretrain.config import preset
+from tcsmae.settings import flag, invalid
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """One benchmark run; `asdict` goes into the result file."""
+    """One benchmark run; `asdict` goes into the result file. Fields with `flag(...)` metadata
+    are `tcsmae bench`'s flags, their docstrings its help (the command's defaults depend on
+    the device and --quick, so each docstring gives them)."""
 
-    data: str | None = None
-    """Store to read (None = the cached 512x512 phantom store)."""
-    device: str = "cpu"
-    """'cpu' or 'cuda' (train_step, end_to_end and dali_gpu run there)."""
-    workers: int = 2
-    """Baseline DataLoader workers = DALI CPU threads = read processes (same W for all)."""
-    batch_size: int = 30
-    """Slices per batch in every stage (the paper's training batch is 30)."""
-    size: int = 256
-    """Output side in pixels (the paper: 256)."""
-    seconds: float = 10.0
-    """Timed seconds per stage (after warm-up); every stage is capped by it."""
-    encoder: str = "mit_b2"
-    """smp encoder of the trained U-Net (the paper: mit_b2)."""
+    data: str | None = field(default=None, metadata=flag("--data", metavar="STORE.zarr"))
+    """tcsmae store (default: phantom chest CT at 512x512, built once in $TCSMAE_CACHE or
+    ~/.cache/tcsmae)."""
+    device: Literal["cpu", "cuda"] = field(default="cpu", metadata=flag("--device"))
+    """Where train_step, end_to_end and dali_gpu run (default: cuda when available, else cpu)."""
+    workers: int = field(default=2, metadata=flag("--workers", metavar="W"))
+    """Baseline DataLoader workers = DALI CPU threads = read-stage processes; the end-to-end
+    loader gets W threads and W/2 reader processes (default: CPU count)."""
+    batch_size: int = field(default=30, metadata=flag("--batch-size", metavar="N"))
+    """Slices per batch in every stage (default: 30 on cuda, the paper's training batch; 8 on
+    cpu and with --quick)."""
+    size: int = field(default=256, metadata=flag("--size", metavar="PX"))
+    """Output side in pixels (default 256, the paper's; --quick 128)."""
+    seconds: float = field(default=10.0, metadata=flag("--seconds", metavar="S"))
+    """Timed seconds per stage measurement, after warm-up; every stage is capped by it
+    (default 10; --quick 2)."""
+    encoder: str = field(default="mit_b2", metadata=flag("--encoder"))
+    """smp encoder of the trained U-Net (default mit_b2, the paper's; --quick mit_b0)."""
     quick: bool = False
     """The demo preset was asked for (mit_b0, 128x128, batch 8, 2 s per stage)."""
-    pool_slices: int = 256
-    """Distinct slices held in memory for the preprocess stage (cycled)."""
-    batch_sweep: tuple[int, ...] = ()
-    """Extra train_step batch sizes to try (GPU default: 30, 64, 128); best one reported."""
+    pool_slices: int = field(default=256, metadata=flag("--pool-slices", metavar="N"))
+    """Distinct slices held in memory for the preprocess stage, cycled (default 256; --quick 32)."""
+    batch_sweep: tuple[int, ...] = field(default=(), metadata=flag("--batch-sweep", metavar="N"))
+    """Extra train_step batch sizes to try for the best one (default on a GPU: 30 64 128; none
+    on the CPU)."""
     gpu_preprocess_batch: int = 256
     """dali_gpu is also timed at this batch (GPU only): per-batch overheads hide at 30."""
     phantom_cases: int = 16
@@ -40,19 +48,20 @@ class BenchConfig:
     """Slices per phantom case (512x512 each)."""
 
     def __post_init__(self):
+        cls = type(self)
         if self.device not in ("cpu", "cuda"):
-            raise UserError(f"--device {self.device!r}: choose cpu or cuda")
+            raise invalid(cls, "device", self.device, "choose cpu or cuda")
         for name in ("workers", "batch_size", "pool_slices", "phantom_cases", "phantom_slices",
                      "gpu_preprocess_batch"):
             if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
+                raise invalid(cls, name, getattr(self, name), "must be >= 1")
         if self.size < 32 or self.size % 32:
-            raise UserError(f"--size {self.size}: use a multiple of 32 (the U-Net downsamples 5 times), "
-                            "e.g. 256 (paper) or 128 (quick)")
+            raise invalid(cls, "size", self.size, "use a multiple of 32 (the U-Net downsamples 5 times), "
+                          "e.g. 256 (paper) or 128 (quick)")
         if not self.seconds > 0:
-            raise UserError(f"--seconds {self.seconds}: must be > 0")
+            raise invalid(cls, "seconds", self.seconds, "must be > 0")
         if any(b < 1 for b in self.batch_sweep):
-            raise UserError(f"batch sweep {self.batch_sweep}: batch sizes must be >= 1")
+            raise invalid(cls, "batch_sweep", self.batch_sweep, "batch sizes must be >= 1")
 
 
 def train_config(cfg: BenchConfig):

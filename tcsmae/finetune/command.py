@@ -45,9 +45,9 @@ absent from the case), HD95 when the prediction or the reference is empty (tcsma
 means are over the defined values and n_undefined counts the rest.
 
 Code (each module imports only those after it): this one is the command and the run over
-folds; finetune_fold.py trains, resumes and scores one fold; finetune_validation.py segments
-the validation volumes; finetune_outputs.py writes finetuned.pt/.json, results.json and
-val_dsc.png; finetune_config.py holds the settings, the starting weights and the model.
+folds; fold.py trains, resumes and scores one fold; validation.py segments the validation
+volumes; outputs.py writes finetuned.pt/.json, results.json and val_dsc.png; config.py holds
+the settings (whose fields are this command's flags) and the starting weights.
 """
 
 from __future__ import annotations
@@ -61,15 +61,16 @@ import numpy as np
 from tcsmae.atomic_files import write_json_atomic
 from tcsmae.device import resolve_device
 from tcsmae.errors import UserError
-from tcsmae.finetune.config import EVALUATE, FinetuneConfig, pipeline_from_metadata, resolve_encoder
+from tcsmae.finetune.config import FinetuneConfig, resolve_encoder
 from tcsmae.finetune.fold import run_fold
 from tcsmae.finetune.folds import check_leakage, make_folds, write_folds
 from tcsmae.finetune.labelmap import check_against_ids, load_label_map
 from tcsmae.finetune.model import build_model
 from tcsmae.finetune.outputs import collect_results, export_finetuned, plot_val_dsc
 from tcsmae.finetune.report import Run, format_report
+from tcsmae.settings import add_flags, apply_settings, flag_overrides
 from tcsmae.store.reader import open_store
-from tcsmae.weights import weights_metadata
+from tcsmae.weights import pipeline_from_metadata, weights_metadata
 
 # the names tests and callers use from here; run_fold, collect_results and plot_val_dsc are
 # looked up in this module by `finetune`, so a test can replace them here
@@ -136,36 +137,14 @@ def finetune(data: str | Path, out: str | Path, cfg: FinetuneConfig) -> dict:
 
 
 def add_arguments(parser) -> None:
-    d = FinetuneConfig()
+    """--data and --out, then one flag per FinetuneConfig field with a flag."""
     parser.add_argument("--data", required=True, type=Path, help="labelled store (STORE.zarr)")
     parser.add_argument("--out", required=True, type=Path, help="output folder (re-run to resume)")
-    parser.add_argument("--init", required=True, help="weights.pt from `tcsmae export`, or 'scratch'")
-    parser.add_argument("--encoder", default="", help="smp encoder (default: weights.json's; mit_b2 for scratch)")
-    parser.add_argument("--labels-map", dest="label_map", default=None,
-                        help="label map JSON, or a shipped one: chest11, phantom, phantom-lesion "
-                             "(default: binary, every non-zero label)")
-    parser.add_argument("--folds", type=int, default=d.folds, help=f"K of patient-grouped K-fold CV (default {d.folds}; 1 = train=val)")
-    parser.add_argument("--fold", type=int, default=None, help="run only fold K (0-based)")
-    parser.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs per fold (default {d.epochs}, the paper's)")
-    parser.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default {d.lr:g}, the paper's)")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"slices per step (default {d.batch_size})")
-    parser.add_argument("--size", type=int, default=d.size, help=f"training side in pixels (default {d.size})")
-    parser.add_argument("--device", default=d.device, help="auto, cpu or cuda")
-    parser.add_argument("--allow-overlap", action="store_true", help="fine-tune even on cases seen in pretraining")
-    parser.add_argument("--seed", type=int, default=d.seed, help="seed of folds, head init and sample order")
-    parser.add_argument("--evaluate", choices=EVALUATE, default=d.evaluate,
-                        help="checkpoint that scores each fold (default last)")
-    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=d.precision,
-                        help="training autocast: auto = bf16 on the GPU, fp32 on the CPU")
-    parser.add_argument("--workers", type=int, default=d.workers,
-                        help=f"loader reader processes (default {d.workers}; 0 = main process)")
+    add_flags(parser, FinetuneConfig)
 
 
 def run(args) -> int:
-    cfg = FinetuneConfig(init=args.init, encoder=args.encoder, label_map=args.label_map, folds=args.folds,
-                         fold=args.fold, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                         size=args.size, seed=args.seed, device=args.device, allow_overlap=args.allow_overlap,
-                         evaluate=args.evaluate, workers=args.workers, precision=args.precision)
+    cfg = apply_settings(FinetuneConfig(), flag_overrides(args, FinetuneConfig), where="command-line flags")
     results = finetune(args.data, args.out, cfg)
 
     print(format_report([Run(name=Path(args.out).name, path=Path(args.out) / "results.json", results=results)]),

@@ -1,6 +1,6 @@
 """What a fine-tuning run is configured with, and the U-Net it starts from.
 
-`FinetuneConfig` holds one run's settings (`asdict` goes into checkpoints and results.json).
+`FinetuneConfig` holds one run's settings (`record()` goes into checkpoints and results.json).
 The starting weights are an exported weights.pt with weights.json beside it (`tcsmae
 export`), or 'scratch': weights.json names the encoder and the pretraining preprocessing,
 which fine-tuning reuses so its inputs match pretraining. `build_model` is the smp U-Net
@@ -12,42 +12,49 @@ channel 0 = background) for C classes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Literal, get_args
 
 from tcsmae.errors import UserError
 from tcsmae.pipelines.config import PipelineConfig
+from tcsmae.plain import to_plain
+from tcsmae.settings import NO_FLAGS, flag, invalid
 
-EVALUATE = ("last", "best")
+Evaluate = Literal["last", "best"]
+EVALUATE = get_args(Evaluate)
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """One fine-tuning run; `asdict` goes into checkpoints and results.json."""
+    """One fine-tuning run; `record()` goes into checkpoints, scores.json and results.json.
+    Fields with `flag(...)` metadata are `tcsmae finetune`'s flags, their docstrings its help."""
 
-    init: str = "scratch"
-    """Path of exported pretrained weights (weights.pt with weights.json beside it) or 'scratch'."""
-    encoder: str = ""
-    """smp encoder; '' = the one in weights.json (required with --init scratch: default mit_b2)."""
-    label_map: str | None = None
-    """--labels-map: JSON path or shipped name; None = binary, every non-zero id is foreground."""
-    folds: int = 5
+    init: str = field(default="scratch", metadata=flag("--init", required=True))
+    """Exported pretrained weights (weights.pt from `tcsmae export`, weights.json beside it)
+    or 'scratch'."""
+    encoder: str = field(default="", metadata=flag("--encoder"))
+    """smp encoder; '' = the one in weights.json (mit_b2 with --init scratch)."""
+    label_map: str | None = field(default=None, metadata=flag("--labels-map"))
+    """Label map JSON, or a shipped one: chest11, phantom, phantom-lesion; None = binary,
+    every non-zero label id is foreground."""
+    folds: int = field(default=5, metadata=flag("--folds"))
     """K of the patient-grouped K-fold CV (the paper: 5); 1 = train and validate on all cases."""
-    fold: int | None = None
+    fold: int | None = field(default=None, metadata=flag("--fold"))
     """Run only this fold (0-based); None = all folds in turn."""
-    epochs: int = 50
+    epochs: int = field(default=50, metadata=flag("--epochs"))
     """Epochs per fold (the paper: 50)."""
-    lr: float = 1e-6
+    lr: float = field(default=1e-6, metadata=flag("--lr"))
     """Adam learning rate (the paper: 1e-6; learns little in a short run, use ~1e-3 for checks)."""
-    batch_size: int = 16
+    batch_size: int = field(default=16, metadata=flag("--batch-size"))
     """Slices per step (the paper does not state its fine-tuning batch)."""
-    size: int = 256
+    size: int = field(default=256, metadata=flag("--size"))
     """Training side in pixels (the paper: 256); a multiple of 32."""
-    seed: int = 0
+    seed: int = field(default=0, metadata=flag("--seed"))
     """Seed of folds, head init and sample order."""
-    device: str = "auto"
+    device: str = field(default="auto", metadata=flag("--device"))
     """'auto' (cuda if available), 'cpu' or 'cuda'."""
-    allow_overlap: bool = False
+    allow_overlap: bool = field(default=False, metadata=flag("--allow-overlap"))
     """Fine-tune even when cases were in the pretraining data (leakage guard off)."""
-    evaluate: str = "last"
+    evaluate: Evaluate = field(default="last", metadata=flag("--evaluate"))
     """Checkpoint that scores a fold: 'last' (unbiased) or 'best' (highest online validation
     DSC, chosen on the same cases it is scored on, so optimistic)."""
     threshold: float = 0.5
@@ -56,57 +63,47 @@ class FinetuneConfig:
     """Weight of the cross-entropy term."""
     dice_weight: float = 1.0
     """Weight of the Dice term."""
-    workers: int = 1
+    workers: int = field(default=1, metadata=flag("--workers"))
     """Loader reader processes (0 = read slices in the main process)."""
-    precision: str = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = field(default="auto", metadata=flag("--precision"))
     """Network autocast in training: 'auto' = bf16 on the GPU, fp32 on the CPU; 'bf16' or 'fp32'.
     The losses and the validation are fp32."""
-    pipeline: PipelineConfig = field(default_factory=lambda: PipelineConfig(masking="none"))
-    """Preprocessing (windows, edges, size); masking is always off. Taken from weights.json
-    when the weights record it, so inputs match pretraining."""
+    pipeline: PipelineConfig = field(default_factory=lambda: PipelineConfig(masking="none"), metadata=NO_FLAGS)
+    """The pretraining's preprocessing (windows, edges, HU range), taken from weights.json when
+    the weights record it, so inputs match pretraining; the inputs are `input_pipeline()`."""
 
     def __post_init__(self):
+        cls = type(self)
         if self.folds < 1:
-            raise UserError(f"--folds {self.folds}: must be >= 1")
+            raise invalid(cls, "folds", self.folds, "must be >= 1")
         if self.fold is not None and not 0 <= self.fold < self.folds:
-            raise UserError(f"--fold {self.fold}: must lie in 0..{self.folds - 1} for --folds {self.folds}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise UserError(f"--epochs {self.epochs}, --batch-size {self.batch_size}: both must be >= 1")
+            raise invalid(cls, "fold", self.fold, f"must lie in 0..{self.folds - 1} for --folds {self.folds}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise invalid(cls, name, getattr(self, name), "must be >= 1")
         if not self.lr > 0:
-            raise UserError(f"--lr {self.lr}: must be > 0")
+            raise invalid(cls, "lr", self.lr, "must be > 0")
         if self.size < 32 or self.size % 32:
-            raise UserError(f"--size {self.size}: use a multiple of 32 (the U-Net downsamples 5 times), e.g. 256")
+            raise invalid(cls, "size", self.size, "use a multiple of 32 (the U-Net downsamples 5 times), e.g. 256")
         if self.evaluate not in EVALUATE:
-            raise UserError(f"--evaluate {self.evaluate!r}: choose one of {list(EVALUATE)}")
+            raise invalid(cls, "evaluate", self.evaluate, f"choose one of {list(EVALUATE)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise UserError(f"--device {self.device!r}: use auto, cpu or cuda")
+            raise invalid(cls, "device", self.device, "use auto, cpu or cuda")
         if self.precision not in ("auto", "bf16", "fp32"):
-            raise UserError(f"precision {self.precision!r}: use auto, bf16 or fp32")
+            raise invalid(cls, "precision", self.precision, "use auto, bf16 or fp32")
         if not 0 < self.threshold < 1:
-            raise UserError(f"threshold {self.threshold}: must lie in (0, 1)")
-        p = self.pipeline
-        if (p.masking, p.size, p.augment, p.seed, p.body_fraction_min) != ("none", self.size, False, self.seed, 0.0):
-            # every slice, unmasked, at the fine-tuning size, shuffled by the fine-tuning seed
-            object.__setattr__(self, "pipeline", replace(p, masking="none", size=self.size, augment=False,
-                                                         seed=self.seed, body_fraction_min=0.0))
+            raise invalid(cls, "threshold", self.threshold, "must lie in (0, 1)")
 
+    def input_pipeline(self) -> PipelineConfig:
+        """The preprocessing of the fine-tuning inputs: `pipeline` on every slice, unmasked and
+        unaugmented, at `size`, shuffled by `seed`."""
+        return replace(self.pipeline, masking="none", size=self.size, augment=False, seed=self.seed,
+                       body_fraction_min=0.0)
 
-def jsonable(value):
-    """Tuples -> lists recursively, so a config survives JSON and weights_only loads."""
-    if isinstance(value, dict):
-        return {k: jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    return value
-
-
-def pipeline_from_metadata(meta: dict, size: int) -> PipelineConfig:
-    """The pretraining preprocessing (weights.json `config.pipeline`), masking off, at `size`."""
-    known = {f for f in PipelineConfig.__dataclass_fields__}
-    stored = meta.get("pipeline") or (meta.get("config") or {}).get("pipeline") or {}
-    recorded = {k: (tuple(v) if isinstance(v, list) else v) for k, v in stored.items() if k in known}
-    recorded.update(masking="none", size=size, augment=False)
-    return PipelineConfig(**recorded)
+    def record(self) -> dict:
+        """The settings as checkpoints, scores.json and results.json hold them (and fold resumes
+        compare them): plain values, `pipeline` being `input_pipeline()`."""
+        return to_plain(replace(self, pipeline=self.input_pipeline()))
 
 
 def resolve_encoder(cfg: FinetuneConfig, meta: dict) -> str:

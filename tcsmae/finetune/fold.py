@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict
 from pathlib import Path
 
 from tcsmae.atomic_files import write_json_atomic
 from tcsmae.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint
 from tcsmae.device import resolve_device
 from tcsmae.errors import UserError
-from tcsmae.finetune.config import FinetuneConfig, jsonable
+from tcsmae.finetune.config import FinetuneConfig
 from tcsmae.finetune.metrics import fold_summary
 from tcsmae.finetune.model import build_model
 from tcsmae.finetune.outputs import export_finetuned, plot_val_dsc
@@ -75,7 +74,7 @@ class TrainingBatches:
 
         kind = "cuda" if self.device.type == "cuda" else "cpu"
         device_id = (self.device.index or 0) if kind == "cuda" else None
-        return make_loader(self.store_path, self.cfg.pipeline, self.cfg.batch_size, kind,
+        return make_loader(self.store_path, self.cfg.input_pipeline(), self.cfg.batch_size, kind,
                            rank=0, world_size=1, epoch=epoch, step=0, with_labels=True,
                            num_threads=2, py_workers=self.cfg.workers, device_id=device_id,
                            case_ids=self.case_ids)
@@ -105,14 +104,14 @@ def _checkpoint(model, optimizer, epoch, history, best_dsc, cfg, fold, encoder, 
 
     return {"format": FORMAT, "version": VERSION, "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history,
-            "best_dsc": best_dsc, "config": jsonable(asdict(cfg)), "run_key": run_key, "fold": fold,
+            "best_dsc": best_dsc, "config": cfg.record(), "run_key": run_key, "fold": fold,
             "encoder": encoder, "out_channels": out_channels, "rng": capture_rng_state()}
 
 
 def _config_key(cfg: FinetuneConfig) -> dict:
     """The configuration without what may change between runs of a fold (the key of
     checkpoints written before `_run_key` resolved the encoder and the init weights)."""
-    key = jsonable(asdict(cfg))
+    key = cfg.record()
     for volatile in ("fold", "device", "workers", "epochs", "precision"):  # more epochs = continue training
         key.pop(volatile)
     return key
@@ -229,7 +228,7 @@ def run_fold(store, store_path, cfg: FinetuneConfig, fold_index: int, train_ids,
     doc = {"fold": fold_index, "evaluated": cfg.evaluate, "evaluated_epoch": int(evaluated["epoch"]),
            "train_cases": list(train_ids), "val_cases": list(val_ids), "cases": cases,
            "summary": fold_summary(list(cases.values())), "history": history,
-           "config": jsonable(asdict(cfg)), "run_key": run_key}
+           "config": cfg.record(), "run_key": run_key}
     export_finetuned(model, fold_dir / "finetuned.pt", encoder, label_map, cfg, meta, fold_index,
                      int(evaluated["epoch"]))
     write_json_atomic(scores_path, doc)

@@ -1,8 +1,10 @@
-"""TODO docstring."""
+"""The U-Net a fine-tuning run trains: smp.Unet with encoder and decoder from exported
+pretrained weights (read by tcsmae.weights) or random, and a fresh segmentation head."""
 
 from __future__ import annotations
 
 from tcsmae.errors import UserError
+from tcsmae.weights import PRETRAINED, read_state_dict
 
 
 def build_model(encoder: str, out_channels: int, init: str):
@@ -12,7 +14,6 @@ def build_model(encoder: str, out_channels: int, init: str):
     tensor of the exported state dict must load (strict apart from the head).
     """
     import segmentation_models_pytorch as smp
-    import torch
 
     names = smp.encoders.get_encoder_names()
     if encoder not in names:
@@ -20,16 +21,7 @@ def build_model(encoder: str, out_channels: int, init: str):
     model = smp.Unet(encoder_name=encoder, encoder_weights=None, in_channels=3, classes=out_channels)
     if init == "scratch":
         return model
-    try:
-        state = torch.load(init, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"--init {init}: cannot be read as a state dict ({type(exc).__name__}: {exc}); "
-                        "give weights.pt from `tcsmae export`") from None
-    if not isinstance(state, dict):
-        raise UserError(f"--init {init}: not a plain state dict; give weights.pt from `tcsmae export`")
-    if "model" in state and "optimizer" in state:
-        raise UserError(f"--init {init} is a pretraining checkpoint, not exported weights: run "
-                        f"`tcsmae export {init} -o weights.pt` and pass --init weights.pt")
+    state = read_state_dict(init, PRETRAINED, "--init")
     body = {k: v for k, v in state.items() if not k.startswith("segmentation_head.")}
     own = model.state_dict()
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in body.items()

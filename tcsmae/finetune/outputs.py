@@ -11,14 +11,15 @@ The layout of results.json is described in tcsmae.finetune.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import tcsmae
 from tcsmae.atomic_files import save_figure, write_json_atomic
 from tcsmae.checkpoint import save_checkpoint
-from tcsmae.finetune.config import FinetuneConfig, jsonable
+from tcsmae.finetune.config import FinetuneConfig
 from tcsmae.finetune.metrics import over_folds
+from tcsmae.plain import to_plain
+from tcsmae.weights import FINETUNED_FORMAT
 
 
 def export_finetuned(model, path: Path, encoder: str, label_map, cfg: FinetuneConfig, meta: dict,
@@ -31,13 +32,13 @@ def export_finetuned(model, path: Path, encoder: str, label_map, cfg: FinetuneCo
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     save_checkpoint(path, state)
     info = {
-        "format": "tcsmae-finetuned", "encoder": encoder, "in_channels": 3,
+        "format": FINETUNED_FORMAT, "encoder": encoder, "in_channels": 3,
         "classes": label_map.out_channels,
         "activation": "sigmoid" if label_map.binary else "softmax",
         "threshold": cfg.threshold, "class_names": label_map.class_names,
         "label_map": label_map.to_json(), "channels": ["lung", "mediastinal", "edge"],
         "input_normalisation": "windows to 0..1, nothing further (no ImageNet mean/std)",
-        "input_size": cfg.size, "pipeline": jsonable(asdict(cfg.pipeline)),
+        "input_size": cfg.size, "pipeline": to_plain(cfg.input_pipeline()),
         "load": f"smp.Unet(encoder_name={encoder!r}, encoder_weights=None, in_channels=3, "
                 f"classes={label_map.out_channels})",
         "fold": fold, "epoch": epoch, "pretrained": {k: meta[k] for k in ("encoder", "git_revision", "versions")
@@ -62,7 +63,7 @@ def collect_results(out_dir: Path, cfg: FinetuneConfig, label_map, meta: dict) -
     weights = {k: v for k, v in meta.items()} if meta else {"init": "scratch"}
     return {"run": out_dir.name, "complete": len(docs) == cfg.folds, "n_folds": cfg.folds,
             "folds": folds, "mean": mean, "std": std, "cases": cases,
-            "config": jsonable(asdict(cfg)), "label_map": label_map.to_json(), "weights": weights}
+            "config": cfg.record(), "label_map": label_map.to_json(), "weights": weights}
 
 
 def plot_val_dsc(out_dir: Path) -> Path | None:

@@ -2,58 +2,82 @@
 
     tcsmae predict --weights DIR/fold_0/finetuned.pt (--data STORE.zarr | --dicom DIR | --nifti FILE) -o OUT
 
-finetuned.json beside the weights (written by `tcsmae finetune`) names the encoder, the
-head (sigmoid or softmax), the classes and the preprocessing. DICOM folders and NIfTI
-files are first converted into a temporary store with the package's converters, so the
-model sees exactly what fine-tuning saw. Each case is segmented slice by slice
-(tcsmae.inference), the result brought back to the stored grid and written with
-convert/orientation.py's `store_to_nifti`: for a NIfTI source the output has the source's
-own voxel layout and affine; for DICOM the nearest RAS layout with the series' geometry.
-
-Output: OUT/<case_id>.nii.gz, uint8 class indices (0 = background, i = the i-th class),
-and OUT/classes.json mapping index -> class name and the stored label ids it stands for.
+finetuned.json beside the weights names the encoder, head, classes and preprocessing.
+DICOM folders and NIfTI files are first converted into a temporary store by the package's
+converter, run as a child process (`tcsmae convert` / `convert-nifti`), so the model sees
+what fine-tuning saw. Each case is segmented slice by slice and written back in its source
+geometry (tcsmae.store.geometry.store_to_nifti). Output: OUT/<case_id>.nii.gz, uint8 class
+indices (0 = background, i = the i-th class), and OUT/classes.json (index -> name, stored ids).
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from tcsmae.atomic_files import write_json_atomic
-from tcsmae.convert.dicom_to_zarr import main as convert_dicom
-from tcsmae.convert.nifti_to_zarr import convert_sources, make_source
 from tcsmae.device import resolve_device
 from tcsmae.errors import UserError
 from tcsmae.finetune.inference import segment_volume
-from tcsmae.pipelines.config import PipelineConfig
 from tcsmae.store.geometry import store_to_nifti
 from tcsmae.store.reader import open_store
-from tcsmae.weights import load_finetuned
+from tcsmae.weights import load_finetuned, recorded_pipeline
 
 HELP = "segment cases with a fine-tuned model; NIfTI label maps in each case's original geometry"
 
+CONVERTED = (0, 3)
+"""Converter exit codes that leave a usable store (all converted; some converted, some failed)."""
 
-def _pipeline(meta: dict):
 
-    known = set(PipelineConfig.__dataclass_fields__)
-    stored = {k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["pipeline"].items() if k in known}
-    return PipelineConfig(**stored)
+def _run_converter(argv: list[str]) -> tuple[int, list[str], list[str]]:
+    """`python -m tcsmae.cli ARGV` in a child process, its stdout and stderr passed through
+    line by line as they come; returns (exit code, stdout lines, stderr lines)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"}  # lines as they come
+    child = subprocess.Popen([sys.executable, "-m", "tcsmae.cli", *argv], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env=env, encoding="utf-8", errors="replace")
+    lines: dict[str, list[str]] = {"out": [], "err": []}
+
+    def pump(stream, sink, key):
+        for line in stream:
+            lines[key].append(line.rstrip("\n"))
+            sink.write(line)
+            sink.flush()
+
+    err = threading.Thread(target=pump, args=(child.stderr, sys.stderr, "err"), daemon=True)
+    err.start()
+    pump(child.stdout, sys.stdout, "out")
+    err.join()
+    return child.wait(), lines["out"], lines["err"]
+
+
+def _nifti_failure(nifti: Path, out: list[str], err: list[str], code: int) -> str:
+    """The reason `convert-nifti` gives for failing on one source, as predict reports it."""
+    prefix = "tcsmae convert-nifti: error: "
+    for line in err:
+        if line.startswith(prefix):  # refused before converting (e.g. not a NIfTI file)
+            return line[len(prefix):]
+    for line in out:
+        if " FAILED: " in line:
+            return f"--nifti {nifti}: {line.split(' FAILED: ', 1)[1]}"
+    return f"--nifti {nifti}: the converter failed (exit code {code}; it says why above)"
 
 
 def _convert_to_store(dicom: Path | None, nifti: Path | None, tmp: Path) -> Path:
     """Convert a DICOM folder or a NIfTI file into a temporary store; returns its path."""
     store = tmp / "input.zarr"
     if dicom is not None:
-
-        code = convert_dicom([str(dicom), "-o", str(store), "--workers", "1"])
-        if code not in (0, 3):
+        code, _, _ = _run_converter(["convert", str(dicom), "-o", str(store), "--workers", "1"])
+        if code not in CONVERTED:
             raise UserError(f"--dicom {dicom}: no CT series could be converted from it (the converter says why above); "
                             "check the folder holds DICOM CT slices")
     else:
-
-        result = convert_sources([make_source(nifti)], store, progress=False)
-        if result["failed"]:
-            raise UserError(f"--nifti {nifti}: {result['failed'][0][1]}")
+        code, out, err = _run_converter(["convert-nifti", str(nifti), "-o", str(store), "--no-progress"])
+        if code not in CONVERTED:
+            raise UserError(_nifti_failure(nifti, out, err, code))
     return store
 
 
@@ -64,14 +88,13 @@ def predict_store(model, meta: dict, store_path: Path, out: Path, device="cpu", 
     import numpy as np
     from tqdm import tqdm
 
-
     store = open_store(store_path)
     chosen = cases or store.case_ids
     unknown = [c for c in chosen if c not in store.case_ids]
     if unknown:
         raise UserError(f"{store_path}: no case(s) {unknown}; the store holds {store.case_ids[:10]}")
     out.mkdir(parents=True, exist_ok=True)
-    cfg = _pipeline(meta)
+    cfg = recorded_pipeline(meta)
     model = model.to(device)
     written = []
     for case_id in tqdm(chosen, desc="predict", unit="case"):
@@ -104,7 +127,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-
     model, meta = load_finetuned(args.weights)
     device = resolve_device(args.device)
     if args.data is not None:

@@ -52,7 +52,7 @@ class Validator:
 
         if case_id in self._inputs:
             return self._inputs[case_id]
-        images = volume_input(self.store.read_volume(case_id), self.cfg.pipeline)
+        images = volume_input(self.store.read_volume(case_id), self.cfg.input_pipeline())
         if self._cached_bytes + images.nbytes <= self.cache_bytes:
             self._inputs[case_id] = images
             self._cached_bytes += images.nbytes

@@ -23,7 +23,7 @@ from tcsmae.finetune.labelmap import label_map_from_record
 from tcsmae.pipelines.reference import prepared_pair
 from tcsmae.pipelines.resize import pad_to_square, resize_nearest
 from tcsmae.store.reader import open_store
-from tcsmae.weights import load_finetuned, load_pretrained
+from tcsmae.weights import load_finetuned, load_pretrained, recorded_pipeline
 
 HELP = "draw Fig. 6-style panels: input, masked, reconstruction, prediction vs reference"
 
@@ -101,7 +101,6 @@ def run(args) -> int:
     import numpy as np
     import torch
 
-
     store = open_store(args.data)
     device = resolve_device(args.device)
     model, meta, cfg = load_pretrained(args.weights)
@@ -114,10 +113,11 @@ def run(args) -> int:
     else:
         pool = _labelled_slices(store)
         ids = np.sort(np.random.default_rng(args.seed).choice(pool, size=min(args.n, len(pool)), replace=False))
-    seg = seg_meta = None
+    seg = seg_meta = seg_cfg = None
     if args.finetuned is not None:
         seg, seg_meta = load_finetuned(args.finetuned)
         seg = seg.to(device)
+        seg_cfg = recorded_pipeline(seg_meta, base=cfg)  # the fine-tuning preprocessing
     model = model.to(device)
     rows = []
     for slice_id in ids:
@@ -127,16 +127,12 @@ def run(args) -> int:
             recon = torch.sigmoid(model(torch.from_numpy(masked[None]).to(device)).float())[0].cpu().numpy()
         row = {"name": f"{store.case_ids[case]}:{z}", "input": original[1], "masked": masked[1], "recon": recon[1]}
         if seg is not None:
-
-            seg_cfg = replace(cfg, **{k: (tuple(v) if isinstance(v, list) else v)
-                                      for k, v in seg_meta["pipeline"].items() if k in cfg.__dataclass_fields__})
             x = torch.from_numpy(model_input(store.read_slice(case, z), seg_cfg)[None]).to(device)
             with torch.no_grad():
                 pred = classes_from_logits(seg(x), seg_meta.get("threshold", 0.5))[0].cpu().numpy()
             image = x[0, 1].cpu().numpy()
             ref = np.zeros_like(pred)
             if store.has_labels(store.case_ids[case]):
-
                 lm = label_map_from_record(seg_meta["label_map"], str(args.finetuned))
                 ref = resize_nearest(pad_to_square(lm.to_classes(store.read_label_slice(case, z)), 0), seg_cfg.size)
             row["overlay"] = (image, ref, pred)

@@ -26,14 +26,22 @@ from tcsmae.distributed import broadcast_object, init_distributed, main_process_
 from tcsmae.errors import UserError
 from tcsmae.phantom.store import default_store
 from tcsmae.pretrain.batches import StoreBatches
-from tcsmae.pretrain.config import apply_overrides, config_from_dict, load_config_file, preset
+from tcsmae.pretrain.config import (
+    TrainConfig,
+    apply_overrides,
+    config_from_dict,
+    load_config_file,
+    preset,
+)
 from tcsmae.pretrain.engine import pretrain
+from tcsmae.settings import add_flags, flag_overrides
 from tcsmae.stopping import TrainingStopped
 
 HELP = "pretrain the TCS-MAE U-Net (paired masked/original reconstruction + tissue contrast)"
 
 
 def add_arguments(parser) -> None:
+    """The flags that are not settings of the run, then one per TrainConfig field with a flag."""
     a = parser.add_argument
     a("--data", metavar="STORE.zarr", help="tcsmae store to pretrain on (default: the embedded phantom, "
       "built on first use in $TCSMAE_CACHE or ~/.cache/tcsmae)")
@@ -46,53 +54,7 @@ def add_arguments(parser) -> None:
       help="authors = the public code's loss: cosine-embedding x1000 on max-pooled heads of F3..F5, SSIM window 15")
     a("--config", metavar="FILE", help="JSON file of config overrides, nested like DIR/config.json")
     a("--resume", metavar="CKPT", help="continue from a checkpoint (e.g. DIR/checkpoints/last.pt)")
-    a("--epochs", type=int, metavar="N", help="epochs in all (paper: 60); with --resume, the new total")
-    a("--steps-per-epoch", type=int, metavar="N", help="cap batches per epoch per rank (0 = whole store)")
-    a("--batch-size", type=int, metavar="N", help="slices per rank per step (paper: 30)")
-    a("--size", type=int, metavar="PX", help="training image side (paper: 256)")
-    a("--encoder", metavar="NAME", help="smp encoder name (paper: mit_b2)")
-    a("--device", choices=("auto", "cpu", "cuda"), help="default: cuda when available")
-    a("--precision", choices=("auto", "bf16", "fp16", "fp32"), help="network autocast (losses are fp32)")
-    a("--masking", choices=("tissue", "patch", "none"), help="tissue (TCS-MAE), patch (MAE baseline) or none")
-    a("--rho", type=float, metavar="R", help="tissue masking ratio (0.75 mediastinal, 0.35 pneumonia)")
-    a("--mep-levels", nargs="+", metavar="LEVEL",
-      help="encoder levels with projection heads: none | F5 | F4 F5 (default) | F3 F4 F5 (Table V)")
-    a("--lr", type=float, metavar="LR", help="Adam learning rate (paper: 1e-4)")
-    a("--seed", type=int, metavar="N", help="seed of init, sample order and masks")
-    a("--checkpoint-every", type=int, metavar="N", help="checkpoint every N steps (0 = epoch ends only)")
-    a("--log-every", type=int, metavar="N", help="write a metrics.jsonl line every N steps (default 1)")
-    a("--workers", type=int, metavar="N", help="data-loading worker processes per rank (0 = in-process)")
-    a("--compile", action="store_true", default=None,
-      help="torch.compile the network (GPU: +45-55%% pairs/s measured on an H100; compiling takes ~1 min)")
-
-
-def parse_mep_levels(tokens: list[str]) -> tuple[int, ...]:
-    """['none'] -> (); ['F4', 'F5'] or ['4,5'] -> (4, 5)."""
-
-    parts = [p for t in tokens for p in t.replace(",", " ").split()]
-    if [p.lower() for p in parts] in (["none"], ["0"]):
-        return ()
-    try:
-        return tuple(int(p.upper().removeprefix("F")) for p in parts)
-    except ValueError:
-        raise UserError(f"--mep-levels {' '.join(tokens)}: use none, F5, F4 F5 or F3 F4 F5") from None
-
-
-def flag_overrides(args) -> dict:
-    """The explicitly given flags as nested TrainConfig overrides."""
-    o: dict = {"model": {}, "pipeline": {}}
-    top = {"epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch, "batch_size": args.batch_size,
-           "device": args.device, "precision": args.precision, "lr": args.lr, "seed": args.seed,
-           "checkpoint_every": args.checkpoint_every, "log_every": args.log_every, "workers": args.workers,
-           "compile": args.compile}
-    o.update({k: v for k, v in top.items() if v is not None})
-    if args.encoder is not None:
-        o["model"]["encoder"] = args.encoder
-    if args.mep_levels is not None:
-        o["model"]["mep_levels"] = list(parse_mep_levels(args.mep_levels))
-    pipe = {"size": args.size, "masking": args.masking, "rho": args.rho}
-    o["pipeline"].update({k: v for k, v in pipe.items() if v is not None})
-    return {k: v for k, v in o.items() if v != {}}
+    add_flags(parser, TrainConfig)
 
 
 VARIANTS = {
@@ -110,7 +72,7 @@ def build_config(args, stored: dict | None = None):
         cfg = apply_overrides(cfg, VARIANTS[args.variant], where=f"--variant {args.variant}")
     if args.config:
         cfg = load_config_file(args.config, cfg)
-    return apply_overrides(cfg, flag_overrides(args), where="command-line flags")
+    return apply_overrides(cfg, flag_overrides(args, TrainConfig), where="command-line flags")
 
 
 def resume_out_dir(out: str | None, resume: str | None) -> Path:

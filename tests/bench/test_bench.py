@@ -202,3 +202,34 @@ def test_gpu_peak_table_tells_h100_pcie_from_sxm():
     assert gpu_peak("NVIDIA H100 80GB HBM3")[0] == 989e12
     assert gpu_peak("NVIDIA H200")[0] == 989e12
     assert gpu_peak("Tesla T4") == (None, None) and gpu_peak(None) == (None, None)
+
+
+def test_loader_stage_measures_the_loader_and_its_source_alone(bench_run):
+    _, result, stdout, _ = bench_run
+    loader = result["loader"]
+    assert loader["reader_processes"] == 1 and loader["hu_transport_dtype"] == "int16"
+    for key in ("slices_per_s", "source_only_slices_per_s"):
+        assert isinstance(loader[key], float) and math.isfinite(loader[key]) and loader[key] > 0, key
+    assert result["ratios"]["source_only_over_read"] == pytest.approx(
+        loader["source_only_slices_per_s"] / result["read"]["slices_per_s"], rel=1e-12)
+    assert "| loader | slices/s, parallel source alone (reads only) |" in stdout
+
+
+def test_quick_changes_the_defaults_and_flags_win():
+    from argparse import ArgumentParser
+
+    parser = ArgumentParser()
+    bench.add_arguments(parser)
+    quick = bench.config_from_args(parser.parse_args(["--quick", "--device", "cpu", "--out", "r.json"]))
+    assert (quick.encoder, quick.size, quick.batch_size, quick.seconds, quick.pool_slices) == ("mit_b0", 128, 8, 2.0, 32)
+    assert quick.batch_sweep == () and quick.quick
+    args = parser.parse_args(["--quick", "--device", "cpu", "--size", "64", "--batch-sweep", "4", "8",
+                              "--seconds", "1", "--out", "r.json"])
+    cfg = bench.config_from_args(args)
+    assert (cfg.size, cfg.batch_sweep, cfg.seconds, cfg.encoder) == (64, (4, 8), 1.0, "mit_b0")
+    assert bench.command_line(args) == ("tcsmae bench --device cpu --size 64 --seconds 1.0 --quick "
+                                        "--batch-sweep 4 8 --out r.json")
+    full = bench.config_from_args(parser.parse_args(["--device", "cpu", "--out", "r.json"]))
+    assert (full.encoder, full.size, full.batch_size, full.seconds) == ("mit_b2", 256, 8, 10.0)
+    with pytest.raises(UserError, match="^--batch-sweep 4 0: batch sizes must be >= 1$"):
+        bench.BenchConfig(batch_sweep=(4, 0))

@@ -255,3 +255,48 @@ def test_start_summary_progress_and_resume_with_equivalent_settings(tmp_path, ca
     assert main(args + ["--init", str(other / "weights.pt"), "--epochs", "3"]) == 2
     assert re.search(r"last.pt was written with other settings \(init: 'sha256:[0-9a-f]{64}' -> "
                      r"'sha256:[0-9a-f]{64}'\)", capsys.readouterr().err)
+
+
+def test_settings_errors_name_the_flag_and_the_inputs_pipeline_is_derived():
+    with pytest.raises(UserError, match="^--folds 0: must be >= 1$"):
+        FinetuneConfig(folds=0)
+    with pytest.raises(UserError, match="^--batch-size 0: must be >= 1$"):
+        FinetuneConfig(batch_size=0)
+    with pytest.raises(UserError, match="^--evaluate 'worst': choose one of"):
+        FinetuneConfig(evaluate="worst")
+    with pytest.raises(UserError, match="^threshold=1.5: must lie in"):  # a field without a flag
+        FinetuneConfig(threshold=1.5)
+    base = PipelineConfig(masking="tissue", size=128, augment=True, seed=9, body_fraction_min=0.2,
+                          lung_window=(-600.0, 1500.0))
+    cfg = FinetuneConfig(size=32, seed=2, pipeline=base)
+    assert cfg.pipeline == base  # kept as given
+    assert cfg.input_pipeline() == PipelineConfig(masking="none", size=32, augment=False, seed=2,
+                                                  body_fraction_min=0.0, lung_window=(-600.0, 1500.0))
+    record = cfg.record()  # what checkpoints, scores.json and results.json hold
+    assert json.loads(json.dumps(record)) == record  # plain values only
+    pipe = record["pipeline"]
+    assert (pipe["masking"], pipe["size"], pipe["augment"], pipe["seed"], pipe["body_fraction_min"]) == \
+        ("none", 32, False, 2, 0.0) and pipe["lung_window"] == [-600.0, 1500.0]
+    assert list(record) == ["init", "encoder", "label_map", "folds", "fold", "epochs", "lr", "batch_size", "size",
+                            "seed", "device", "allow_overlap", "evaluate", "threshold", "ce_weight",
+                            "dice_weight", "workers", "precision", "pipeline"]
+
+
+def test_flags_become_the_config():
+    from argparse import ArgumentParser
+
+    from tcsmae.finetune import command
+    from tcsmae.settings import apply_settings, flag_overrides
+
+    parser = ArgumentParser()
+    command.add_arguments(parser)
+    args = parser.parse_args(["--data", "s.zarr", "--out", "o", "--init", "scratch", "--labels-map", "chest11",
+                              "--folds", "2", "--fold", "1", "--lr", "1e-3", "--allow-overlap", "--evaluate", "best"])
+    cfg = apply_settings(FinetuneConfig(), flag_overrides(args, FinetuneConfig), "flags")
+    assert cfg == FinetuneConfig(init="scratch", label_map="chest11", folds=2, fold=1, lr=1e-3, allow_overlap=True,
+                                 evaluate="best")
+    with pytest.raises(SystemExit):  # --init is required
+        parser.parse_args(["--data", "s.zarr", "--out", "o"])
+    with pytest.raises(UserError, match="--fold 2: must lie in 0..1"):
+        apply_settings(cfg, flag_overrides(parser.parse_args(["--data", "s", "--out", "o", "--init", "x",
+                                                              "--folds", "2", "--fold", "2"]), FinetuneConfig), "flags")

@@ -19,6 +19,7 @@ from tcsmae.pretrain.config import (
     TrainConfig,
     config_from_dict,
     load_config_file,
+    parse_mep_levels,
     preset,
 )
 
@@ -95,7 +96,7 @@ def test_command_line_layers_preset_variant_file_and_flags(tmp_path):
 @pytest.mark.parametrize("tokens,levels", [(["none"], ()), (["F5"], (5,)), (["F4", "F5"], (4, 5)),
                                            (["3,4,5"], (3, 4, 5))])
 def test_mep_levels_flag(tokens, levels):
-    assert pretrain_cmd.parse_mep_levels(tokens) == levels
+    assert parse_mep_levels(tokens) == levels
 
 
 def test_default_data_is_built_once_in_the_cache(tmp_path, monkeypatch):
@@ -169,3 +170,73 @@ def test_resuming_on_another_number_of_ranks_is_announced():
     note = pretrain_cmd.world_size_note(2, 1, 8, mid_epoch=True)
     assert "from 16 to 8" in note and "sharded anew" in note and "resume on 2 rank(s)" in note
     assert "sharded anew" not in pretrain_cmd.world_size_note(1, 4, 8, mid_epoch=False)
+
+
+# ----------------------------------------------------------------------------- flags derived from the fields
+
+HAND_WRITTEN = ("--data", "--out", "--preset", "--variant", "--config", "--resume")
+DERIVED = ("--epochs", "--steps-per-epoch", "--batch-size", "--size", "--encoder", "--device", "--precision",
+           "--masking", "--rho", "--mep-levels", "--lr", "--seed", "--checkpoint-every", "--log-every",
+           "--workers", "--compile", "--no-compile")
+
+
+def test_every_field_with_a_flag_is_in_the_help_with_its_docstring():
+    from dataclasses import fields
+
+    from tcsmae.pipelines.config import PipelineConfig
+    from tcsmae.settings import field_docs
+
+    parser = ArgumentParser()
+    pretrain_cmd.add_arguments(parser)
+    text = parser.format_help()
+    squeezed = "".join(text.split())  # argparse rewraps (and splits long words)
+    flagged = 0
+    for cls in (TrainConfig, ModelConfig, LossConfig, PipelineConfig):
+        for f in fields(cls):
+            if "flag" in f.metadata:
+                flagged += 1
+                assert f.metadata["flag"]["name"] in text, f.name
+                assert "".join(field_docs(cls)[f.name].split()) in squeezed, f.name
+    assert flagged == len(DERIVED) - 1  # --no-compile comes with --compile
+    for name in HAND_WRITTEN + DERIVED:
+        assert name in text, name
+    words = " ".join(text.split())
+    assert "Slices per rank per step (the paper: 30 on one GPU). (default: 30)" in words  # the real default
+    assert "(default: --no-compile)" in words and "(default: 4 5)" in words
+
+
+def test_no_flags_give_the_preset_and_flags_beat_the_config_file(tmp_path):
+    assert pretrain_cmd.build_config(parse()) == preset("paper")
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"compile": True, "model": {"mep_levels": [5]}}))
+    assert pretrain_cmd.build_config(parse("--config", f)).compile is True
+    cfg = pretrain_cmd.build_config(parse("--config", f, "--no-compile", "--mep-levels", "F3", "F4", "F5"))
+    assert cfg.compile is False and cfg.model.mep_levels == (3, 4, 5)
+    assert pretrain_cmd.build_config(parse("--compile")).compile is True
+    assert pretrain_cmd.build_config(parse("--mep-levels", "none")).model.mep_levels == ()
+    cfg = pretrain_cmd.build_config(parse("--size", 128, "--rho", 0.35, "--encoder", "mit_b0", "--lr", 1e-3))
+    assert (cfg.input_size, cfg.pipeline.rho, cfg.model.encoder, cfg.lr) == (128, 0.35, "mit_b0", 1e-3)
+
+
+def test_choices_are_refused_with_the_valid_list(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse("--masking", "random")
+    assert "invalid choice: 'random' (choose from 'tissue', 'patch', 'none')" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse("--precision", "fp8")
+    assert "'auto', 'bf16', 'fp16', 'fp32'" in capsys.readouterr().err
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"pipeline": {"masking": "random"}}))
+    with pytest.raises(UserError, match=r'c.json.pipeline: masking = "random" is not one of "tissue", "patch", '
+                                        r'"none" \(now "tissue"\)'):
+        load_config_file(path, preset("paper"))
+
+
+def test_a_config_file_value_of_the_wrong_type_names_key_value_and_type(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"model": {"projection_dim": "128"}}))
+    with pytest.raises(UserError, match=r'c.json.model: projection_dim = "128" is not an integer \(now 128\)'):
+        load_config_file(path, preset("paper"))
+    path.write_text(json.dumps({"compile": "yes"}))
+    with pytest.raises(UserError, match=r'compile = "yes" is not a boolean \(true/false\) \(now false\)'):
+        load_config_file(path, preset("paper"))
