@@ -4,9 +4,10 @@
         [--size 256] [--batch-size 30 ...] [--seconds 20] [--compile] [--json OUT.json]
 
 A pair = one slice through both branches (masked + original): one training sample.
-Calls tcsmae.engine.measure_train_step (the function `tcsmae bench` uses): full steps
-(forward of both branches, fp32 losses, backward, Adam), bf16 autocast on CUDA, fp32 on
-the CPU; MFU from FLOPs counted by torch.utils.flop_counter over one step.
+Calls tcsmae.bench.probe.measure_train_step: full steps (forward of both branches, fp32
+losses, backward, Adam), bf16 autocast on CUDA, fp32 on the CPU. Its FLOPs (3x the forward
+counted by torch.utils.flop_counter), peak memory and MFU come from the probe functions
+that `tcsmae bench`'s train_step stage also uses.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tcsmae.pipelines.config import PipelineConfig
+from tcsmae.pipelines.config import SOBEL_MAX, PipelineConfig
 from tcsmae.pipelines.masking import interval_index, patch_mask
 from tcsmae.pipelines.resize import pad_to_square
 
@@ -46,7 +46,7 @@ class BaselineDataset:
         edge = np.maximum(*(np.hypot(ndi.sobel(w, axis=1, mode="mirror"),
                                      ndi.sobel(w, axis=0, mode="mirror")) for w in windows))
         edge = np.minimum(edge, cfg.edge_clip) if cfg.edge_scaling == "clip" \
-            else edge / (4 * np.sqrt(2))
+            else edge / SOBEL_MAX
         stack = torch.from_numpy(np.stack([windows[0], windows[1], edge, hu]))
         if cfg.size > 0:
             stack = F.interpolate(stack[None], size=(cfg.size, cfg.size), mode="bilinear",

@@ -6,14 +6,15 @@ with the true Sobel kernels (Eq. 7 prints S_y with a typo; we use S_y = S_x tran
 Border: **numpy 'reflect'** (mirror about the edge pixel, which is not repeated:
 `d c b | a b c d`), the same as scipy.ndimage mode='mirror' and OpenCV BORDER_REFLECT_101,
 on every path (NumPy, CuPy, baseline). With it the derivative across the border is 0.
-The magnitude of a 0..1 image reaches 4*sqrt(2) ~ 5.66; it is mapped to 0..1 by a fixed
-rule (config `edge_scaling`: 'clip' at `edge_clip`, default 1.0, or 'divide' by 4*sqrt(2)),
-never per image.
+The magnitude of a 0..1 image reaches SOBEL_MAX = 4*sqrt(2) ~ 5.66; a fixed rule, never per
+image, maps it to 0..1 (`edge_scaling`: 'clip' at `edge_clip`, default 1.0, or 'divide' by SOBEL_MAX).
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from tcsmae.pipelines.config import SOBEL_MAX
 
 SOBEL_X = np.array([[-1.0, 0.0, 1.0],
                     [-2.0, 0.0, 2.0],
@@ -47,11 +48,11 @@ def sobel_magnitude(image: np.ndarray) -> np.ndarray:
 
 
 def scale_edges(magnitude: np.ndarray, scaling: str, clip: float) -> np.ndarray:
-    """Fixed map of a Sobel magnitude to 0..1: 'clip' -> min(m, clip); 'divide' -> m / 4sqrt2."""
+    """Fixed map of a Sobel magnitude to 0..1: 'clip' -> min(m, clip); 'divide' -> m / SOBEL_MAX."""
     if scaling == "clip":
         return np.minimum(magnitude, clip)
     if scaling == "divide":
-        return magnitude / (4.0 * np.sqrt(2.0))
+        return magnitude / SOBEL_MAX
     raise ValueError(f"unknown edge scaling {scaling!r}")
 
 

@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
 import sys
 
-import tcsmae
-import tcsmae.convert
-import tcsmae.pipelines
 from tcsmae.errors import run_command
 
 # subcommand -> module. Order is the order shown in --help.
@@ -42,10 +40,11 @@ COMMANDS: dict[str, str] = {
 
 
 def _own_dirs() -> tuple[str, ...]:
-    """Folders of tcsmae's three packages (convert/ and pipelines/ may live apart, editable)."""
-
-    return tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep
-                 for m in (tcsmae, tcsmae.convert, tcsmae.pipelines))
+    """Folders of tcsmae's three packages (convert/ and pipelines/ may live apart, editable),
+    found without importing them."""
+    return tuple(os.path.abspath(folder) + os.sep
+                 for name in ("tcsmae", "tcsmae.convert", "tcsmae.pipelines")
+                 for folder in importlib.util.find_spec(name).submodule_search_locations)
 
 
 def _load(name: str):

@@ -1,5 +1,5 @@
 """Facts about the machine a result was measured on: CPU, GPU, package versions. (The dense
-bf16 peaks of known GPUs, the denominator of MFU, are tcsmae.engine.GPU_PEAK_BF16.)"""
+bf16 peaks of known GPUs, the denominator of MFU, are tcsmae.bench.probe.GPU_PEAK_BF16.)"""
 
 from __future__ import annotations
 

@@ -1,13 +1,13 @@
-"""Preprocessing throughput (issue 6, stage `preprocess`): baseline vs DALI CPU vs DALI GPU.
+"""Preprocessing throughput (bench stage `preprocess`): baseline vs DALI CPU vs DALI GPU.
 
 All three run the same transform (windows, edges, resize, tissue mask) on the same HU
 batches already in host memory (pinned for the GPU), so reading is measured apart:
 
-    from tcsmae.pipelines.throughput import measure_preprocess, synthetic_batches
+    from tcsmae.bench.preprocess import measure_preprocess, synthetic_batches
     figures = measure_preprocess(synthetic_batches(8, 64), PipelineConfig(), "cpu", workers=2)
     # {"baseline": {"slices_per_s": ...}, "dali_cpu": {...}, "dali_gpu": {... or None}}
 
-`python -m tcsmae.pipelines.throughput --workers 2 --seconds 10` prints a table.
+`python -m tcsmae.bench.preprocess --workers 2 --seconds 10` prints a table.
 """
 
 from __future__ import annotations
@@ -70,7 +70,6 @@ def memory_pipeline(batches, draws, cfg: PipelineConfig, device_id: int | None, 
     stacked=True (what the loader does for uniform stores) one (N, 8, H, W) per batch."""
     from nvidia.dali import fn, pipeline_def
 
-
     @pipeline_def
     def pipe():
         hu, draw = fn.external_source(source=_Cycle(batches, draws, stacked), num_outputs=2,
@@ -98,7 +97,6 @@ def _time_dali(pipe, batch_size: int, seconds: float, gpu: bool) -> float:
 
 
 def _time_baseline(batches, draws, cfg, workers: int, seconds: float) -> float:
-
     slices = np.concatenate(batches)
     loader = baseline_loader(slices, np.concatenate(draws), cfg, len(batches[0]), workers)
     count, start, warm = 0, None, 0

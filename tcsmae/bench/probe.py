@@ -1,4 +1,7 @@
-"""TODO docstring."""
+"""What `tcsmae bench` and bench/train_step_bench.py read off a training step: its FLOPs
+(3x the counted forward, for MFU), peak memory, and MFU against the GPU's dense bf16 peak.
+`measure_train_step` is the stand-alone probe: a fresh training setup timed on one
+in-memory synthetic batch."""
 
 from __future__ import annotations
 
@@ -30,11 +33,43 @@ def gpu_peak(name: str | None) -> tuple[float | None, str | None]:
     return None, None
 
 
-def device_peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak FLOP/s of the device (for MFU); None when unknown (e.g. the CPU)."""
-    if device.type != "cuda":
-        return None
-    return gpu_peak(torch.cuda.get_device_name(device))[0]
+def mfu(flops_per_s: float, device: torch.device) -> tuple[float | None, str | None]:
+    """(model FLOP utilisation = flops_per_s / the device's dense bf16 peak, the peak's
+    description); (None, None) without a known peak (the CPU, an unlisted GPU)."""
+    peak, text = gpu_peak(torch.cuda.get_device_name(device) if device.type == "cuda" else None)
+    return (flops_per_s / peak if peak else None), text
+
+
+def step_flops(setup, batch: dict, device: torch.device) -> float:
+    """Training FLOPs of one step on `batch`: 3x the forward of both branches (PaLM's MFU
+    convention), counted by torch.utils.flop_counter.FlopCounterMode, uncompiled, under the
+    step's autocast. The forward is counted, not a whole step, because FlopCounterMode's
+    backward formula treats depthwise convolutions (MiT's Mix-FFN) as dense and overstates
+    them ~200x."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    masked, original = step_inputs(batch, setup, device)
+    amp = setup.amp
+    with (torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None),
+          FlopCounterMode(display=False) as counter):
+        setup.core(masked, original)
+    return 3.0 * float(counter.get_total_flops())
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new GPU peak (torch's allocator); nothing on the CPU (its peak RSS cannot be reset)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """GB: GPU = torch.cuda.max_memory_allocated since the last reset; CPU = the process's
+    peak resident set (ru_maxrss, Linux kB), everything so far included."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB -> GB
 
 
 def measure_train_step(cfg: TrainConfig, device: str | torch.device, batch_size: int,
@@ -43,14 +78,11 @@ def measure_train_step(cfg: TrainConfig, device: str | torch.device, batch_size:
 
     Runs `warmup_steps` steps (compilation included with cfg.compile), then as many as fit in
     `seconds`; `profile=True` also prints the top CUDA kernels of 3 steps. Returns
-    {pairs_per_s, peak_mem_gb (GPU: max allocated; CPU: process peak RSS), mfu (None without a
-    known GPU peak), flops_per_pair, steps, batch_size, device, precision}.
+    {pairs_per_s, peak_mem_gb (peak_memory_gb over the timed steps), mfu (None without a
+    known GPU peak), flops_per_pair (step_flops / batch_size), steps, batch_size, device,
+    precision, encoder, size}.
     """
-    import resource
     from dataclasses import replace
-
-    from torch.utils.flop_counter import FlopCounterMode
-
 
     dev = resolve_device(str(device))
     cfg = replace(cfg, batch_size=batch_size, device=str(dev))
@@ -59,13 +91,7 @@ def measure_train_step(cfg: TrainConfig, device: str | torch.device, batch_size:
     source = SyntheticBatches(batch_size, cfg.input_size, steps_per_epoch=1, seed=cfg.seed, device=dev)
     batch = source.batch(0, 0)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    masked, original = step_inputs(batch, setup, dev)
-    with torch.no_grad(), torch.autocast(dev.type, dtype=setup.amp or torch.float32, enabled=setup.amp is not None):
-        with FlopCounterMode(display=False) as counter:  # forward of both branches, uncompiled
-            setup.core(masked, original)
-    # training = 3x the forward (PaLM's MFU convention); FlopCounterMode's own backward count
-    # treats depthwise convolutions (MiT's Mix-FFN) as dense and overstates them ~200x.
-    flops_per_step = 3.0 * float(counter.get_total_flops())
+    flops_per_step = step_flops(setup, batch, dev)
     for _ in range(warmup_steps):
         train_step(setup, batch, ctx)
     sync()
@@ -80,8 +106,7 @@ def measure_train_step(cfg: TrainConfig, device: str | torch.device, batch_size:
             sync()
         key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
+    reset_peak_memory(dev)
     steps, start = 0, time.perf_counter()
     while True:
         train_step(setup, batch, ctx)
@@ -91,13 +116,8 @@ def measure_train_step(cfg: TrainConfig, device: str | torch.device, batch_size:
         if elapsed >= seconds:
             break
     pairs_per_s = steps * batch_size / elapsed
-    if dev.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(dev) / 1e9
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB -> GB (Linux)
-    peak_flops = device_peak_flops(dev)
-    mfu = None if peak_flops is None else flops_per_step * steps / elapsed / peak_flops
-    return {"pairs_per_s": pairs_per_s, "peak_mem_gb": peak, "mfu": mfu,
+    return {"pairs_per_s": pairs_per_s, "peak_mem_gb": peak_memory_gb(dev),
+            "mfu": mfu(flops_per_step * steps / elapsed, dev)[0],
             "flops_per_pair": flops_per_step / batch_size, "steps": steps, "batch_size": batch_size,
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
             "precision": str(setup.amp or torch.float32).replace("torch.", ""),

@@ -1,12 +1,13 @@
-"""The training stages of `tcsmae bench`: one `Trainer` (tcsmae.engine) measured alone
-(train_step, batch sweep, FLOPs for MFU) and fed by the store loader (end_to_end)."""
+"""The training stages of `tcsmae bench`: one `Trainer` (tcsmae.pretrain.step's training
+setup) measured alone (train_step, batch sweep, FLOPs for MFU) and fed by the store loader
+(end_to_end). FLOPs, peak memory and MFU are read by tcsmae.bench.probe."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
 
-from tcsmae.bench.probe import gpu_peak
+from tcsmae.bench.probe import mfu, peak_memory_gb, reset_peak_memory, step_flops
 from tcsmae.bench.stages import timed
 from tcsmae.distributed import DistContext, resolve_device
 from tcsmae.pipelines.loader import make_loader
@@ -16,7 +17,8 @@ from tcsmae.pretrain.step import build_training, train_step
 
 @dataclass
 class Trainer:
-    """One training setup (tcsmae.engine) shared by train_step, the sweep and end_to_end."""
+    """One training setup (tcsmae.pretrain.step.build_training) shared by train_step, the
+    sweep and end_to_end."""
 
     setup: object
     ctx: object
@@ -33,41 +35,22 @@ class Trainer:
 
 
 def build_trainer(tcfg, device: str) -> Trainer:
-
     dev = resolve_device(device)
     ctx = DistContext(rank=0, world_size=1, local_rank=0, device=dev)
     return Trainer(build_training(replace(tcfg, device=str(dev)), ctx), ctx, tcfg.input_size)
 
 
 def flops_per_pair(trainer: Trainer, pairs: int = 2) -> float:
-    """Training FLOPs per pair: 3x the forward of both branches (PaLM's MFU convention),
-    counted by torch.utils.flop_counter.FlopCounterMode on a batch of `pairs`.
-
-    The forward is counted, not a whole step, because FlopCounterMode's backward formula
-    treats depthwise convolutions (MiT's Mix-FFN) as dense and overstates them by ~200x
-    (found by the training engineer; tcsmae.engine.measure_train_step counts the same way).
-    """
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-
-    setup, dev = trainer.setup, trainer.ctx.device
-    batch = SyntheticBatches(pairs, trainer.size, 1, device=dev).batch(0, 0)
-    amp = setup.amp
-    with torch.no_grad(), torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
-        with FlopCounterMode(display=False) as counter:
-            setup.core(batch["masked"], batch["original"])
-    return 3.0 * float(counter.get_total_flops()) / pairs
+    """Training FLOPs per pair (tcsmae.bench.probe.step_flops on a synthetic batch of `pairs`)."""
+    batch = SyntheticBatches(pairs, trainer.size, 1, device=trainer.ctx.device).batch(0, 0)
+    return step_flops(trainer.setup, batch, trainer.ctx.device) / pairs
 
 
 def measure_train(trainer: Trainer, batch_size: int, seconds: float, flops: float | None = None) -> dict:
-    """Training steps (tcsmae.engine.train_step) on one in-memory batch, GPU synchronised
-    after each step. peak_mem_gb: GPU = max allocated during the timed steps; CPU = the
-    process's peak resident set (ru_maxrss, everything so far included)."""
-    import resource
-
+    """Training steps (tcsmae.pretrain.step.train_step) on one in-memory batch, torch's stream
+    synchronised after each step. peak_mem_gb (tcsmae.bench.probe.peak_memory_gb): GPU = max
+    allocated during the timed steps; CPU = the process's peak resident set (everything so far)."""
     import torch
-
 
     dev = trainer.ctx.device
     batch = SyntheticBatches(batch_size, trainer.size, 1, device=dev).batch(0, 0)
@@ -79,24 +62,18 @@ def measure_train(trainer: Trainer, batch_size: int, seconds: float, flops: floa
 
     if dev.type == "cuda":
         step()  # cudnn autotuning and allocator growth, before the peak is reset
-        torch.cuda.reset_peak_memory_stats(dev)
+        reset_peak_memory(dev)
     pairs, elapsed = timed(step, seconds, warmup=2 if dev.type == "cuda" else 1)
     out = {"pairs_per_s": pairs / elapsed, "batch_size": batch_size, "steps": pairs // batch_size,
            "seconds": elapsed, "precision": str(trainer.setup.amp or torch.float32).replace("torch.", ""),
            "channels_last": trainer.setup.channels_last}
-    if dev.type == "cuda":
-        out["peak_mem_gb"] = torch.cuda.max_memory_allocated(dev) / 1e9
-        out["peak_mem_what"] = "torch.cuda.max_memory_allocated during the timed steps"
-    else:
-        out["peak_mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB -> GB
-        out["peak_mem_what"] = "process peak RSS (ru_maxrss), all stages so far"
+    out["peak_mem_gb"] = peak_memory_gb(dev)
+    out["peak_mem_what"] = ("torch.cuda.max_memory_allocated during the timed steps" if dev.type == "cuda"
+                            else "process peak RSS (ru_maxrss), all stages so far")
     if flops:
         out["flops_per_pair"] = flops
         out["tflops"] = flops * out["pairs_per_s"] / 1e12
-
-        peak, text = gpu_peak(torch.cuda.get_device_name(dev) if dev.type == "cuda" else None)
-        out["mfu"] = flops * out["pairs_per_s"] / peak if peak else None
-        out["mfu_peak"] = text
+        out["mfu"], out["mfu_peak"] = mfu(flops * out["pairs_per_s"], dev)
     return out
 
 
@@ -122,7 +99,7 @@ def batch_sweep(trainer: Trainer, sizes: tuple[int, ...], seconds: float, flops:
 
 def measure_end_to_end(trainer: Trainer, store_path, pcfg, batch_size: int, workers: int,
                        seconds: float, flops: float | None = None) -> dict:
-    """The store loader (tcsmae.pipelines.loader.make_loader) feeding engine.train_step.
+    """The store loader (tcsmae.pipelines.loader.make_loader) feeding train_step.
 
     data_stall = time in next(loader) (plus, on the GPU, the wait for the batch's copy)
     / wall time of the timed loop. Torch's stream is synchronised after each training step,
@@ -131,9 +108,6 @@ def measure_end_to_end(trainer: Trainer, store_path, pcfg, batch_size: int, work
     open an epoch (the loader refills its prefetch queue there) are also counted apart:
     `data_stall_within_epoch` leaves them out (a small store has many epoch boundaries).
     """
-    import torch
-
-
     dev = trainer.ctx.device
     py_workers = max(1, workers // 2)
     loader = make_loader(store_path, pcfg, batch_size, device=dev.type, num_threads=workers,
@@ -154,8 +128,7 @@ def measure_end_to_end(trainer: Trainer, store_path, pcfg, batch_size: int, work
         batch, _ = next_batch()
         train_step(trainer.setup, batch, trainer.ctx)
     trainer.sync()
-    if dev.type == "cuda":  # this stage's own peak, not the batch sweep's before it
-        torch.cuda.reset_peak_memory_stats(dev)
+    reset_peak_memory(dev)  # on the GPU this stage's own peak, not the batch sweep's before it
     steps, wait, boundary_wait, boundaries = 0, 0.0, 0.0, 0
     start = time.perf_counter()
     while True:
@@ -180,7 +153,7 @@ def measure_end_to_end(trainer: Trainer, store_path, pcfg, batch_size: int, work
            "batches_per_epoch": len(loader), "batch_size": batch_size,
            "loader_threads": workers, "loader_reader_processes": py_workers}
     if dev.type == "cuda":
-        out["peak_mem_gb"] = torch.cuda.max_memory_allocated(dev) / 1e9
+        out["peak_mem_gb"] = peak_memory_gb(dev)
         out["peak_mem_what"] = ("torch.cuda.max_memory_allocated during the timed steps "
                                 "(torch's allocator only; DALI's and CuPy's buffers not included)")
     if flops:

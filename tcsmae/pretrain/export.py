@@ -1,16 +1,12 @@
 """`tcsmae export CKPT -o weights.pt`: pretrained weights as a plain smp.Unet state dict.
 
-weights.pt is a dict of tensors that loads with strict=True into
-
-    smp.Unet(encoder_name=meta["encoder"], encoder_weights=None, in_channels=3, classes=3)
-
-(`torch.load(path, weights_only=True)`); apply a sigmoid to its output to get the
-reconstruction. weights.json beside it (same stem) says how to feed it: channels and their
-order, windows, HU range, normalisation (0..1 windows, nothing further), input size, output
-activation, K and rho, versions, the git revision, and salted SHA-256 digests of the
-pretraining cases' series and patient ids (`pretraining_cases`: {"salt", "series_digests",
-"patient_digests", "case_digests"}, digest = sha256(salt + id), the form tcsmae.folds reads),
-so fine-tuning can refuse overlapping cases without the ids being published.
+weights.pt loads with strict=True (`torch.load(path, weights_only=True)`) into smp.Unet(
+encoder_name=meta["encoder"], encoder_weights=None, in_channels=3, classes=3); a sigmoid of
+its output is the reconstruction. weights.json beside it (format tcsmae.weights.PRETRAINED_FORMAT)
+says how to feed it: channels in order, windows, HU range, 0..1 normalisation, input size,
+activation, K and rho, versions, git revision, and salted SHA-256 digests of the pretraining
+cases' ids (`pretraining_cases`: {"salt", "series_digests", "patient_digests", "case_digests"},
+digest = sha256(salt + id), as tcsmae.finetune.folds reads it) so fine-tuning can refuse overlaps.
 """
 
 from __future__ import annotations
@@ -20,11 +16,9 @@ from pathlib import Path
 from tcsmae.atomic_files import write_json_atomic
 from tcsmae.checkpoint import load_checkpoint, save_checkpoint
 from tcsmae.pretrain.model import build_unet
+from tcsmae.weights import CHANNELS, PRETRAINED_FORMAT
 
 HELP = "export a pretraining checkpoint as plain smp.Unet weights (weights.pt + weights.json)"
-
-FORMAT = "tcsmae-weights"
-CHANNELS = ["lung", "mediastinal", "edge"]
 
 
 def add_arguments(parser) -> None:
@@ -38,18 +32,18 @@ def unet_state_dict(model_state: dict) -> dict:
     return {k[len("unet."):]: v for k, v in model_state.items() if k.startswith("unet.")}
 
 
-def weights_metadata(ckpt: dict) -> dict:
+def export_metadata(ckpt: dict) -> dict:
     """What a user needs to feed the exported weights (the content of weights.json)."""
     cfg = ckpt["config"]
     pipe, model = cfg["pipeline"], cfg["model"]
     return {
-        "format": FORMAT,
+        "format": PRETRAINED_FORMAT,
         "version": 1,
         "architecture": "segmentation_models_pytorch.Unet",
         "encoder": model["encoder"],
         "in_channels": 3,
         "classes": 3,
-        "channels": CHANNELS,
+        "channels": list(CHANNELS),
         "windows": {
             "lung": {"level": pipe["lung_window"][0], "width": pipe["lung_window"][1]},
             "mediastinal": {"level": pipe["mediastinal_window"][0], "width": pipe["mediastinal_window"][1]},
@@ -80,7 +74,7 @@ def export(checkpoint: str | Path, output: str | Path) -> tuple[Path, Path]:
 
     ckpt = load_checkpoint(checkpoint)
     state = unet_state_dict(ckpt["model"])
-    meta = weights_metadata(ckpt)
+    meta = export_metadata(ckpt)
     unet = build_unet(meta["encoder"])
     unet.load_state_dict(state, strict=True)  # the promise made to users, checked before writing
     output = Path(output)

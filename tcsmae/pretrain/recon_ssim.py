@@ -1,18 +1,12 @@
-"""`tcsmae recon-ssim`: SSIM between images and their reconstructions (the paper's Fig. 5).
+"""`tcsmae recon-ssim`: SSIM between slices and their reconstructions (the paper's Fig. 5).
 
     tcsmae recon-ssim --weights weights.pt [more.pt ...] --data STORE.zarr --n 1000 [--out DIR]
-        [--names TCS-MAE CMAE] [--masking tissue|patch] [--seed 0] [--size 256] [--device auto]
 
-For `n` slices drawn at random (seeded, the same slices for every model), each pretrained
-model reconstructs the slice twice: from the masked input (its own masking, from
-weights.json, unless --masking) and from the unmasked input (the paper's asterisk).
-Each reconstruction is compared with the original 3-channel image by SSIM
-(pytorch-msssim: Gaussian window 11, sigma 1.5, data_range 1, K1 0.01, K2 0.03, the mean
-over channels). Inputs come from the pipelines' reference transform; the masks from the
-same per-slice draw as training (epoch 0).
-
-Writes DIR/recon_ssim.json (per-sample values, slice ids, means), DIR/recon_ssim.npz
-(the same arrays) and DIR/recon_ssim.png (line plot over the samples, like Fig. 5).
+`n` seeded random slices (the same for every model) are reconstructed by each pretrained model
+from the masked input (its own masking from weights.json, or --masking; epoch 0's masks) and
+from the unmasked one (the paper's asterisk), and compared with the original 3-channel image
+(pytorch-msssim: window 11, sigma 1.5, data_range 1, mean over channels). Inputs come from
+tcsmae.pipelines.reference. Writes DIR/recon_ssim.json, .npz (per-sample values) and .png.
 """
 
 from __future__ import annotations
@@ -99,7 +93,6 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     import numpy as np
-
 
     names = args.names or [w.stem if w.stem != "weights" else w.parent.name for w in args.weights]
     if len(names) != len(args.weights):
