@@ -83,6 +83,12 @@ def _start_method(gpu: bool) -> str:
     return "spawn" if backend.IsDriverInitialized() else "fork"
 
 
+def source_queue_depth(py_workers: int) -> int:
+    """Batches the parallel source reads ahead: one per reader process, at least two. DALI's
+    default of one keeps a single batch in flight, so one reader works while the others wait."""
+    return max(2, int(py_workers))
+
+
 def build_pipeline(source, cfg: PipelineConfig, batch_size: int, device_id: int | None,
                    num_threads: int = 2, py_workers: int = 1, prefetch: int = 2):
     """A DALI pipeline: `source` (SliceSource-like batch callable) -> processing_graph.
@@ -100,9 +106,9 @@ def build_pipeline(source, cfg: PipelineConfig, batch_size: int, device_id: int 
 
     @pipeline_def
     def pipe():
-        nodes = fn.external_source(
-            source=source, num_outputs=len(names), batch=True, batch_info=True,
-            parallel=py_workers > 0, layout=[layouts[n] for n in names])
+        parallel = {"parallel": True, "prefetch_queue_depth": source_queue_depth(py_workers)} if py_workers > 0 else {}
+        nodes = fn.external_source(source=source, num_outputs=len(names), batch=True, batch_info=True,
+                                   layout=[layouts[n] for n in names], **parallel)
         node = dict(zip(names, nodes))
         graph = processing_graph(node["hu"], node["draw"], cfg, device_id,
                                  affine=node.get("affine"), label=node.get("label"),
@@ -118,6 +124,21 @@ def build_pipeline(source, cfg: PipelineConfig, batch_size: int, device_id: int 
                   "py_start_method": _start_method(device_id is not None)}
     return pipe(batch_size=1 if stacked else batch_size, num_threads=num_threads,
                 device_id=device_id, prefetch_queue_depth=prefetch, seed=cfg.seed, **kwargs)
+
+
+def build_source_pipeline(source, batch_size: int, py_workers: int):
+    """The parallel external source alone (reads only, no processing): a CPU pipeline whose
+    outputs are the source's, to measure what the reader processes deliver."""
+    from nvidia.dali import fn, pipeline_def
+
+    @pipeline_def
+    def pipe():
+        return tuple(fn.external_source(source=source, num_outputs=len(source.output_names), batch=True,
+                                        batch_info=True, parallel=True,
+                                        prefetch_queue_depth=source_queue_depth(py_workers)))
+
+    return pipe(batch_size=1 if source.stacked else batch_size, num_threads=1, device_id=None,
+                py_num_workers=py_workers, py_start_method=_start_method(False))
 
 
 class SliceLoader:

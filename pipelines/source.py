@@ -2,8 +2,9 @@
 
 One call returns one batch for this rank: per sample
 
-    hu       (Y, X) float32 HU (int16 and float32 cases alike: DALI refuses mixed types in a
-             batch); centred and padded with air to a square when cfg.size > 0
+    hu       (Y, X) HU, int16 when every eligible case is stored as int16 (half the bytes
+             through shared memory and to the GPU; the kernels widen exactly), else float32
+             (DALI refuses mixed types in a batch); padded with air to a square when size > 0
     draw     (K,) uint8 chosen intervals (tissue; zeros for 'none') or (GY, GX) uint8
              masked patches (patch), from masking.sample_rng(seed, epoch, slice_id)
     case     (1,) int64 case index, z (1,) int64 slice within its case
@@ -146,6 +147,17 @@ class SliceSource:
             raise UserError(f"{store_path}: stacked batches need one slice grid for all cases "
                             "and no augmentation; use stacked=None to fall back")
         self.stacked = bool(uniform and not cfg.augment) if stacked is None else bool(stacked)
+        self.hu_dtype = self._transport_dtype()
+
+    def _transport_dtype(self) -> np.dtype:
+        """int16 when every eligible case is stored as int16 and the padding air fits it
+        (the HU then travel as stored), else float32."""
+        cases = np.unique(self.store.slice_case[self.eligible])
+        stored = {self.store.image_dtype(self.store.case_ids[int(c)]) for c in cases}
+        pad = self.cfg.pad_hu
+        if stored == {np.dtype(np.int16)} and float(pad).is_integer() and -32768 <= pad <= 32767:
+            return np.dtype(np.int16)
+        return np.dtype(np.float32)
 
     def _output_grids(self) -> set[tuple[int, int]]:
         """Grids (Y, X) the eligible slices have after padding."""
@@ -194,11 +206,11 @@ class SliceSource:
         """All outputs of one sample (order of `output_names`)."""
         cfg = self.cfg
         case, z = int(self.store.slice_case[slice_id]), int(self.store.slice_z[slice_id])
-        hu = self.store.read_slice(case, z)
+        hu = self.store.read_stored_slice(case, z)
         if cfg.size > 0:
             hu = pad_to_square(hu, cfg.pad_hu)
         out_shape = (cfg.size, cfg.size) if cfg.size > 0 else hu.shape
-        sample = [np.ascontiguousarray(hu, dtype=np.float32),
+        sample = [np.ascontiguousarray(hu, dtype=self.hu_dtype),
                   draw_mask(cfg, epoch, slice_id, out_shape),
                   np.array([case], dtype=np.int64), np.array([z], dtype=np.int64)]
         if cfg.augment:

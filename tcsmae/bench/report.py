@@ -41,6 +41,10 @@ def markdown_table(result: dict) -> str:
          fmt(g("preprocess.dali_gpu_large_batch.slices_per_s"))),
         ("preprocess", "dali_cpu / baseline", fmt(g("ratios.dali_cpu_over_baseline"), 2)),
         ("preprocess", "dali_gpu / baseline", fmt(g("ratios.dali_gpu_over_baseline"), 2)),
+        ("loader", f"slices/s, store -> batches on {bench['device']}, {g('loader.reader_processes') or '-'} "
+         "reader processes", fmt(g("loader.slices_per_s"))),
+        ("loader", "slices/s, parallel source alone (reads only)", fmt(g("loader.source_only_slices_per_s"))),
+        ("loader", "source alone / read (1 process)", fmt(g("ratios.source_only_over_read"), 2)),
         ("train_step", f"pairs/s (batch {bench['batch_size']})", fmt(g("train_step.pairs_per_s"))),
         ("train_step", "peak memory GB", fmt(g("train_step.peak_mem_gb"), 2)),
         ("train_step", "MFU", fmt(g("train_step.mfu"), 3)),

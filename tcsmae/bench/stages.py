@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 
 from tcsmae.bench.preprocess import measure_preprocess
+from tcsmae.pipelines.loader import build_source_pipeline, make_loader
+from tcsmae.pipelines.source import SliceSource
 
 
 def timed(step, seconds: float, warmup: int = 1) -> tuple[int, float]:
@@ -118,3 +120,51 @@ def measure_preprocess_stage(hu, pcfg, device: str, workers: int, batch_size: in
     batches = [hu[(np.arange(batch_size) + k * batch_size) % len(hu)] for k in range(n_batches)]
     return measure_preprocess(batches, pcfg, device, workers=workers, seconds=seconds, which=which)
 
+
+
+def measure_loader(store_path, pcfg, device: str, batch_size: int, workers: int, seconds: float) -> dict:
+    """The full loader (store -> DALI -> batches on the device) with no training, and its
+    parallel external source alone (reads in `workers` reader processes, no processing).
+
+    `source_only_slices_per_s` against `read.slices_per_s` (one process) shows whether the
+    reader processes work in parallel; `slices_per_s` against it shows what the processing
+    costs. Half the stage's seconds each; epochs wrap around."""
+    import torch
+
+    dev = torch.device(device)
+    loader = make_loader(store_path, pcfg, batch_size, device=dev.type, num_threads=workers,
+                         py_workers=workers, device_id=(dev.index or 0) if dev.type == "cuda" else None)
+    state = {"it": iter(loader)}
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def one_batch() -> int:
+        try:
+            batch = next(state["it"])
+        except StopIteration:
+            state["it"] = iter(loader)
+            batch = next(state["it"])
+        sync()
+        return int(batch["original"].shape[0])
+
+    n, elapsed = timed(one_batch, seconds / 2, warmup=2)
+    out = {"slices_per_s": n / elapsed, "reader_processes": workers, "threads": workers,
+           "batch_size": batch_size, "device": str(dev), "slices_timed": n, "seconds": elapsed,
+           "hu_transport_dtype": str(loader._source.hu_dtype)}
+    del state, loader
+
+    source = SliceSource(store_path, pcfg, batch_size)
+    pipe = build_source_pipeline(source, batch_size, workers)
+    pipe.build()
+
+    def one_read() -> int:
+        try:
+            pipe.run()
+        except StopIteration:  # the source's epoch ended: start the next one
+            pipe.reset()
+            pipe.run()
+        return batch_size
+
+    n_src, elapsed_src = timed(one_read, seconds / 2, warmup=workers)
+    out["source_only_slices_per_s"] = n_src / elapsed_src
+    del pipe
+    return out

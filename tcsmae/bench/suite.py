@@ -11,7 +11,7 @@ from tcsmae.bench.config import BenchConfig, train_config
 from tcsmae.bench.data import default_phantom, slice_pool
 from tcsmae.bench.machine import machine_info
 from tcsmae.bench.report import figure
-from tcsmae.bench.stages import measure_preprocess_stage, measure_read
+from tcsmae.bench.stages import measure_loader, measure_preprocess_stage, measure_read
 from tcsmae.bench.training import (
     batch_sweep,
     build_trainer,
@@ -30,6 +30,7 @@ FIGURE_KEYS = (
     "read.slices_per_s", "read.mb_per_s",
     "preprocess.baseline.slices_per_s", "preprocess.dali_cpu.slices_per_s",
     "preprocess.dali_gpu.slices_per_s",
+    "loader.slices_per_s", "loader.source_only_slices_per_s", "loader.reader_processes",
     "train_step.pairs_per_s", "train_step.peak_mem_gb",
     "end_to_end.pairs_per_s", "end_to_end.data_stall",
     "ratios.dali_cpu_over_baseline", "ratios.dali_gpu_over_baseline",
@@ -83,7 +84,7 @@ def run_bench(cfg: BenchConfig, say=print, save=None) -> dict:
                             "cases": len(store.case_ids), "slices": store.n_slices,
                             "pool_slices": int(len(ids)), "pool_shape": list(hu.shape[1:]),
                             "pool_dtype": str(hu.dtype)}},
-        "read": None, "preprocess": {"baseline": None, "dali_cpu": None, "dali_gpu": None},
+        "read": None, "preprocess": {"baseline": None, "dali_cpu": None, "dali_gpu": None}, "loader": None,
         "train_step": None, "end_to_end": None, "ratios": {}, "errors": {}, "stage_seconds": {},
         "complete": False,
     }
@@ -117,6 +118,8 @@ def run_bench(cfg: BenchConfig, say=print, save=None) -> dict:
             hu, pcfg, "cuda", cfg.workers, big, cfg.seconds / 2, which=("dali_gpu",)))
         if large is not None and large.get("dali_gpu"):
             result["preprocess"]["dali_gpu_large_batch"] = {"batch_size": big, **large["dali_gpu"]}
+    result["loader"] = stage("loader", lambda: measure_loader(store_path, pcfg, cfg.device, cfg.batch_size,
+                                                              cfg.workers, cfg.seconds))
     trainer = stage("train_setup", lambda: build_trainer(tcfg, cfg.device))
     flops = stage("flop_count", lambda: flops_per_pair(trainer)) if trainer else None
     if trainer is not None:
@@ -141,6 +144,8 @@ def run_bench(cfg: BenchConfig, say=print, save=None) -> dict:
     result["ratios"] = {
         "dali_cpu_over_baseline": _ratio(figure(result, "preprocess.dali_cpu.slices_per_s"), base),
         "dali_gpu_over_baseline": _ratio(figure(result, "preprocess.dali_gpu.slices_per_s"), base),
+        "source_only_over_read": _ratio(figure(result, "loader.source_only_slices_per_s"),
+                                        figure(result, "read.slices_per_s")),
     }
     result["stage_seconds"]["total"] = round(time.perf_counter() - started, 2)
     result["complete"] = True

@@ -1,34 +1,10 @@
-"""The tcsmae CT store: a Zarr v3 group of HU volumes plus a slice index.
+"""Reading a store: `open_store(path)` gives a CTStore of the cases its slice index lists.
 
-Layout of ``NAME.zarr`` (docs/store-format.md has the full description):
-
-    zarr.json                  group attrs: format="tcsmae-ct", format_version=1
-    images/<case_id>           HU, (Z, Y, X) int16 or float32, chunks (1, Y, X), shards (64, Y, X)
-    labels/<case_id>           integer label map, same shape and grid (optional)
-    slice_index.npz            the list of committed cases and their slices (see below)
-    .writer.lock               held by the one process allowed to write
-
-Every chunk ends with a crc32c of its compressed bytes, and every image shard file is written
-(even one of all-0 slices), so a reader detects a flipped bit or a missing image shard on each
-read and raises a UserError naming the case, slice, file and the repair command
-(convert/repair.py). A label shard of all background may legitimately have no file, and so
-may an all-0 image shard of an array written before chunk checksums (no crc32c in its chain).
-
-Axis order of every stored array is that of an axial DICOM: Z = slices ascending along the
-slice normal, Y = rows (anterior -> posterior), X = columns (patient right -> left).
-
-Commit protocol: a case's arrays are written completely first; then ``slice_index.npz`` is
-rewritten to a temporary file and atomically renamed over the old one. A case exists for
-readers only once the index lists it, so readers never see half a case, and a crash leaves
-only unlisted arrays, which the next writer deletes. A store without an index is refused.
-
-Slice index arrays (all 1-D, saved with ``np.savez``, no pickles):
-
-    case_ids       (C,) str      case ids in commit order; "case index" i means case_ids[i]
-    case_sha256    (C,) str      source digest of each case (to skip unchanged sources)
-    slice_case     (S,) int32    case index of each slice
-    slice_z        (S,) int32    z of each slice within its case
-    body_fraction  (S,) float32  fraction of the slice's pixels with HU > -500 (inside the body)
+Every slice read is checked (chunk crc32c, shard index, a missing image shard) and damage
+raises a UserError naming the case, slice, file and the command that rewrites the case.
+Slices come straight from their shard file (tcsmae.store.shard_reader) where the layout
+allows, else through zarr-python. Layout, axis order and commit protocol:
+docs/store-format.md.
 """
 
 from __future__ import annotations
@@ -140,7 +116,7 @@ class CTStore:
 
     def _read(self, key: str, z: int) -> np.ndarray:
         """Slice z of array `key` (stored dtype, possibly read-only): straight from the shard
-        file (convert/shard_reader.py, ~4x faster) when the array has the store's layout,
+        file (tcsmae.store.shard_reader, ~4x faster) when the array has the store's layout,
         else through zarr-python. Either way damage raises DamagedChunk naming the file: a
         failed checksum, and a missing image shard of an array with chunk checksums."""
         reader = self._reader(key)
@@ -217,7 +193,15 @@ class CTStore:
 
     def read_slice(self, case_index: int, z: int) -> np.ndarray:
         """One slice as (Y, X) float32 Hounsfield units (int16 cases are widened)."""
-        return self._read_checked("images", self.case_ids[case_index], z).astype(np.float32)
+        return self.read_stored_slice(case_index, z).astype(np.float32)
+
+    def read_stored_slice(self, case_index: int, z: int) -> np.ndarray:
+        """One slice as stored: (Y, X) int16 or float32 Hounsfield units (possibly read-only)."""
+        return self._read_checked("images", self.case_ids[case_index], z)
+
+    def image_dtype(self, case_id: str) -> np.dtype:
+        """The stored dtype of a case's HU array: int16 or float32."""
+        return np.dtype(self.image(case_id).dtype)
 
     def read_label_slice(self, case_index: int, z: int) -> np.ndarray:
         """One label slice as (Y, X) int64 label ids; UserError when the case has no labels."""

@@ -301,3 +301,34 @@ def test_a_damaged_store_gives_the_readers_one_line_error(tiny_store, tmp_path, 
     with pytest.raises(UserError, match=r"unreadable .*--overwrite") as caught:
         _collect(loader, 1)
     assert "Traceback" not in str(caught.value)
+
+
+def test_int16_cases_travel_as_int16_and_arrive_as_the_same_hu(tiny_store, monkeypatch):
+    """All-int16 cases ("a" and "c") travel as int16; mixing in float32 case "b" falls back to
+    float32. The batches are bit-equal to float32 transport either way (widening is exact)."""
+    path, _ = tiny_store
+    cfg = PipelineConfig(size=32)
+    int16_only = SliceSource(path, cfg, 4, case_ids=["a", "c"])
+    assert int16_only.hu_dtype == np.int16
+    assert all(h.dtype == np.int16 for h in int16_only(_Info(0, 0))[0])
+    assert SliceSource(path, cfg, 4).hu_dtype == np.float32                       # "b" is float32
+    assert SliceSource(path, PipelineConfig(size=32, pad_hu=-1024.5), 4, case_ids=["a", "c"]
+                       ).hu_dtype == np.float32                                   # air not int16
+
+    def batches():
+        loader = make_loader(path, cfg, 4, case_ids=["a", "c"], py_workers=0)
+        return [next(iter(loader)) for _ in range(1)] + list(loader)
+
+    narrow = batches()
+    monkeypatch.setattr(SliceSource, "_transport_dtype", lambda self: np.dtype(np.float32))
+    wide = batches()
+    assert len(narrow) == len(wide) > 1
+    for a, b in zip(narrow, wide):
+        for key in ("original", "masked", "mask", "case_index", "z"):
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_the_parallel_source_reads_one_batch_ahead_per_reader_process():
+    from tcsmae.pipelines.loader import source_queue_depth
+
+    assert [source_queue_depth(w) for w in (0, 1, 2, 4, 8)] == [2, 2, 2, 4, 8]
