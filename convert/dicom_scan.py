@@ -1,21 +1,11 @@
-"""DICOM series: find files, classify them, group slices into series, read a series as HU.
+"""Find DICOM files, read and classify their headers, and group the slices into series.
 
-The pipeline of the DICOM converter, each step a plain function:
+    files = discover_files([folder, ...])     # every regular file, recursively
+    scans = [scan_file(f) for f in files]     # header only: class, geometry, digest
+    plans, refusals = plan_series(scans)      # the series to convert, and why not the others
 
-    files   = discover_files([folder, ...])            # every regular file, recursively
-    scans   = [scan_file(f) for f in files]            # header only: class, geometry, digest
-    plans, refusals = plan_series(scans)               # group into series, check headers
-    volume  = read_series(plan, strict=False)          # decode, HU per slice, sort, checks
-
-Classification uses `file_meta.MediaStorageSOPClassUID` and the presence of pixel data (not
-SOPClassUID, which anonymisers blank). Slices are sorted by their position along the slice
-normal n = cross(row direction, column direction) of ImageOrientationPatient, ascending.
-
-Array convention of a volume: (Z, Y, X) = (slice, row, column) as stored in the DICOM
-files: for an axial series rows run anterior -> posterior, columns patient right -> left.
-Geometry attributes (LPS, mm) follow docs/store-format.md: `direction` column 0 is the unit
-vector of array axis x (along a row, ImageOrientationPatient[:3]), column 1 of axis y (down
-a column, ImageOrientationPatient[3:]), column 2 the slice normal.
+convert/dicom_volume.py then reads each plan. How files are classified and grouped, and the
+array and geometry conventions: docs/store-format.md ("Converters", "Orientation convention").
 """
 
 from __future__ import annotations
@@ -30,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tcsmae.convert.nifti_to_zarr import NIFTI_SUFFIXES
+from tcsmae.convert.manifest import NIFTI_SUFFIXES
 
 # SOP classes (file_meta.MediaStorageSOPClassUID)
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -388,58 +378,87 @@ def plan_series(scans: list[ScanResult]) -> tuple[list[SeriesPlan], list[Refusal
 
     plans: list[SeriesPlan] = []
     for key, slices in sorted(groups.items()):
-        bad = next((h for h in slices if h.problem), None)
-        if bad is not None:
-            refusals.append(Refusal(key, bad.problem, bad.path))
+        refusal = _header_refusal(key, slices)
+        if refusal is None:
+            stacks: dict[tuple, list[SliceHeader]] = defaultdict(list)
+            for h in slices:
+                stacks[_geometry_key(h)].append(h)
+            refusal = _mixed_geometry_refusal(key, stacks)
+        if refusal is not None:
+            refusals.append(refusal)
             continue
-        missing = next((h for h in slices if h.position is None or h.orientation is None or h.pixel_spacing is None), None)
-        if missing is not None:
-            tags = [n for n, v in (("ImagePositionPatient", missing.position), ("ImageOrientationPatient", missing.orientation), ("PixelSpacing", missing.pixel_spacing)) if v is None]
-            refusals.append(Refusal(key, f"missing {', '.join(tags)}; cannot place the slices", missing.path, failed=False))
+        stack_plans, stack_refusals = _plan_stacks(key, stacks, sha_of)
+        plans += stack_plans
+        refusals += stack_refusals
+    return plans, refusals
+
+
+def _header_refusal(key: str, slices: list[SliceHeader]) -> Refusal | None:
+    """Why the series `key` cannot be placed from its headers (a slice's problem, missing or
+    invalid geometry tags), or None."""
+    bad = next((h for h in slices if h.problem), None)
+    if bad is not None:
+        return Refusal(key, bad.problem, bad.path)
+    missing = next((h for h in slices if h.position is None or h.orientation is None or h.pixel_spacing is None), None)
+    if missing is not None:
+        tags = [n for n, v in (("ImagePositionPatient", missing.position),
+                               ("ImageOrientationPatient", missing.orientation),
+                               ("PixelSpacing", missing.pixel_spacing)) if v is None]
+        return Refusal(key, f"missing {', '.join(tags)}; cannot place the slices", missing.path, failed=False)
+    odd = next((h for h in slices if not _valid_geometry(h)), None)
+    if odd is not None:
+        return Refusal(
+            key, f"invalid geometry tags: ImageOrientationPatient {list(odd.orientation)} (two orthogonal unit "
+            f"vectors expected), PixelSpacing {list(odd.pixel_spacing)} (positive expected)", odd.path,
+        )
+    return None
+
+
+def _mixed_geometry_refusal(key: str, stacks: dict[tuple, list[SliceHeader]]) -> Refusal | None:
+    """A refusal when orientation or size varies within the series and some stack of one
+    geometry has fewer than MIN_SLICES slices (no clean split), else None."""
+    if len(stacks) <= 1 or min(len(v) for v in stacks.values()) >= MIN_SLICES:
+        return None
+    majority = max(stacks, key=lambda k: len(stacks[k]))
+    odd_key = next(k for k in stacks if k != majority)
+    odd = stacks[odd_key][0]
+    return Refusal(
+        key,
+        f"orientation or size varies within the series: {odd.path} has {_describe_geometry(odd_key)}, "
+        f"while {len(stacks[majority])} slices have {_describe_geometry(majority)}",
+        odd.path,
+    )
+
+
+def _plan_stacks(key: str, stacks: dict[tuple, list[SliceHeader]], sha_of: dict[str, str]):
+    """One SeriesPlan per stack of one geometry (case id `<uid>_<n>` when split), or a Refusal
+    (too few positions, no decoder). Returns (plans, refusals)."""
+    plans, refusals = [], []
+    ordered = sorted(stacks.items(), key=lambda kv: repr(kv[0]))
+    for index, (gkey, stack) in enumerate(ordered):
+        description = (key if len(ordered) == 1
+                       else f"{key} (stack {index + 1} of {len(ordered)}: {_describe_geometry(gkey)})")
+        n_positions = _count_positions(stack)
+        if n_positions < MIN_SLICES:
+            refusals.append(Refusal(description, f"only {n_positions} slice position(s); at least {MIN_SLICES} needed",
+                                    stack[0].path, failed=False))
             continue
-        odd = next((h for h in slices if not _valid_geometry(h)), None)
-        if odd is not None:
-            refusals.append(Refusal(
-                key, f"invalid geometry tags: ImageOrientationPatient {list(odd.orientation)} (two orthogonal unit "
-                f"vectors expected), PixelSpacing {list(odd.pixel_spacing)} (positive expected)", odd.path,
-            ))
+        missing_decoder = check_decoders({h.transfer_syntax for h in stack})
+        if missing_decoder:
+            refusals.append(Refusal(description, missing_decoder, stack[0].path))
             continue
-        stacks: dict[tuple, list[SliceHeader]] = defaultdict(list)
-        for h in slices:
-            stacks[_geometry_key(h)].append(h)
-        if len(stacks) > 1 and min(len(v) for v in stacks.values()) < MIN_SLICES:
-            majority = max(stacks, key=lambda k: len(stacks[k]))
-            odd_key = next(k for k in stacks if k != majority)
-            odd = stacks[odd_key][0]
-            refusals.append(Refusal(
-                key,
-                f"orientation or size varies within the series: {odd.path} has {_describe_geometry(odd_key)}, "
-                f"while {len(stacks[majority])} slices have {_describe_geometry(majority)}",
-                odd.path,
-            ))
-            continue
-        ordered = sorted(stacks.items(), key=lambda kv: repr(kv[0]))
-        for index, (gkey, stack) in enumerate(ordered):
-            description = key if len(ordered) == 1 else f"{key} (stack {index + 1} of {len(ordered)}: {_describe_geometry(gkey)})"
-            n_positions = _count_positions(stack)
-            if n_positions < MIN_SLICES:
-                refusals.append(Refusal(description, f"only {n_positions} slice position(s); at least {MIN_SLICES} needed", stack[0].path, failed=False))
-                continue
-            missing_decoder = check_decoders({h.transfer_syntax for h in stack})
-            if missing_decoder:
-                refusals.append(Refusal(description, missing_decoder, stack[0].path))
-                continue
-            base = stack[0].series_uid
-            if base:
-                case_id = base if len(ordered) == 1 else f"{base}_{index + 1}"
-            else:
-                case_id = "dcm-" + _digest(sorted({h.sop_uid or sha_of[h.path] for h in stack}))[:24]
-            files = sorted({h.path for h in stack})
-            digest = _digest(sorted(sha_of[p] for p in files))
-            plan = SeriesPlan(case_id, description, stack, digest, dicom_sha256=digest)
-            if len(ordered) > 1:
-                plan.warnings.append(f"series {key} split by orientation/size into {len(ordered)} stacks; this is stack {index + 1}")
-            plans.append(plan)
+        base = stack[0].series_uid
+        if base:
+            case_id = base if len(ordered) == 1 else f"{base}_{index + 1}"
+        else:
+            case_id = "dcm-" + _digest(sorted({h.sop_uid or sha_of[h.path] for h in stack}))[:24]
+        files = sorted({h.path for h in stack})
+        digest = _digest(sorted(sha_of[p] for p in files))
+        plan = SeriesPlan(case_id, description, stack, digest, dicom_sha256=digest)
+        if len(ordered) > 1:
+            plan.warnings.append(f"series {key} split by orientation/size into {len(ordered)} stacks; "
+                                 f"this is stack {index + 1}")
+        plans.append(plan)
     return plans, refusals
 
 

@@ -1,23 +1,9 @@
 """`tcsmae convert` / `python convert/dicom_to_zarr.py`: DICOM CT series -> tcsmae Zarr store.
 
-    python convert/dicom_to_zarr.py SRC [SRC ...] -o OUT.zarr [--labels SEG.nii.gz]
-        [--workers N] [--strict] [--overwrite] [--case-id ID] [--patient-id ID]
-        [--manifest FILE.csv] [--codec zstd|lz4|none]
-
-SRC are files or folders, searched recursively. Every CT series found becomes one case
-(HU, (Z, Y, X), sorted along the slice normal); see convert/dicom_series.py for how files
-are classified and grouped. Series are converted in parallel processes; each worker writes
-its case's arrays, and this process commits them to the slice index one by one (atomic), so
-a crash never leaves half a case visible.
-
-A re-run skips cases whose source digest is unchanged, and reports those with visible damage
-(a missing image shard, a broken zarr.json) as failed with the repair command, without
-touching them; --overwrite rebuilds cases already in the store, each written beside the old
-one and swapped in only once converted (a failed rebuild keeps the old case).
-
-Exit codes: 0 every image series converted or already up to date (localizers, secondary
-captures, non-image objects and non-DICOM files skipped by design do not count); 3 some
-converted, some failed or refused; 1 nothing converted; 2 usage error.
+Scans SRC (files or folders, recursively), plans one case per CT series, converts the series
+in worker processes (each writes its case's arrays) and commits them to the slice index one
+at a time in this process, so a crash never leaves half a case visible. Re-runs,
+--overwrite and exit codes: docs/store-format.md, "Converters".
 """
 
 from __future__ import annotations
@@ -33,8 +19,7 @@ from pathlib import Path
 from tcsmae.convert.dicom_scan import SKIPPED_BY_DESIGN, SeriesError, discover_files, plan_series, scan_file
 from tcsmae.convert.dicom_volume import case_attrs, read_series
 from tcsmae.convert.label_alignment import align_labels
-from tcsmae.convert.manifest import read_manifest
-from tcsmae.convert.nifti_to_zarr import NIFTI_SUFFIXES
+from tcsmae.convert.manifest import NIFTI_SUFFIXES, read_manifest
 from tcsmae.errors import UserError, script_main
 from tcsmae.store.format import check_case_id
 from tcsmae.store.repair import conversion_arguments, image_attrs, inputs_digest
@@ -45,6 +30,7 @@ HELP = "convert DICOM CT series (folders/files, recursive) into a tcsmae Zarr st
 EXIT_OK, EXIT_NOTHING, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 SCAN_IN_POOL_FROM = 400
 """Scan headers in the worker pool only from this many files on (else in this process)."""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sources", nargs="*", metavar="SRC", help="DICOM files or folders (searched recursively)")
@@ -90,7 +76,6 @@ class Outcome:
 def run(args: argparse.Namespace) -> int:
     from concurrent.futures.process import BrokenProcessPool
 
-
     started = time.perf_counter()
     jobs = _jobs_from_args(args)
     if args.workers < 1:
@@ -126,7 +111,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _scan_plan_convert(args, jobs: list[Job], files_of_job: list[list[Path]], all_files: list[Path]):
-
     with _pool(args.workers) as pool:
         scans = _scan(all_files, pool)
         scan_of = {s.path: s for s in scans}
@@ -154,7 +138,6 @@ def _scan_plan_convert(args, jobs: list[Job], files_of_job: list[list[Path]], al
 
 
 def _jobs_from_args(args) -> list[Job]:
-
     jobs: list[Job] = []
     if args.patient_id is not None and args.manifest:
         raise UserError("--patient-id applies to the series in SRC, not to manifest rows: give each row its patient "
@@ -252,7 +235,6 @@ def _fork_safe() -> bool:
 def _scan(files: list[Path], pool) -> list:
     from tqdm import tqdm
 
-
     if len(files) >= SCAN_IN_POOL_FROM:
         results = pool.map(scan_file, files, chunksize=max(1, min(64, len(files) // 32)))
     else:  # header scans take ~3 ms a file: for a few hundred files, shipping them costs more
@@ -261,7 +243,6 @@ def _scan(files: list[Path], pool) -> list:
 
 
 def _plan(jobs: list[Job], files_of_job: list[list[Path]], scan_of: dict) -> tuple[list, list[Outcome]]:
-
     plans, outcomes = [], []
     seen: dict[str, str] = {}
     for job, files in zip(jobs, files_of_job):
@@ -288,7 +269,6 @@ def _plan(jobs: list[Job], files_of_job: list[list[Path]], scan_of: dict) -> tup
             seen[plan.case_id] = plan.description
             plans.append(plan)
     return plans, outcomes
-
 
 
 def _why_changed(stored: dict, stored_digest: str, plan) -> str:
@@ -326,7 +306,7 @@ def _why_changed(stored: dict, stored_digest: str, plan) -> str:
 
 def _convert(todo: list, writer, pool, args) -> list[Outcome]:
     """Convert each (plan, replaces) of `todo` in the pool and commit it. A case that replaces a
-    committed one (--overwrite) is written beside it (store.staging_name) and swapped in only
+    committed one (--overwrite) is written beside it (tcsmae.store.format.staging_name) and swapped in only
     once converted: a failed rebuild leaves the old case in place."""
     from tqdm import tqdm
 
@@ -353,7 +333,7 @@ def convert_series(task: tuple) -> Outcome:
     """Worker: decode one series, align its labels, write its arrays (not committed).
 
     task: (SeriesPlan, store path, codec, strict, staged: write beside the committed case of
-    that id, see store.staging_name). Never raises for bad input: every problem comes back as
+    that id, see tcsmae.store.format.staging_name). Never raises for bad input: every problem comes back as
     a failed Outcome naming the file.
     """
 
@@ -366,7 +346,7 @@ def convert_series(task: tuple) -> Outcome:
         labels = None
         if plan.labels:
             g = volume.geometry
-            labels = align_labels(plan.labels, g.voxel_to_lps(), g.positions_mm, volume.hu.shape)
+            labels = align_labels(plan.labels, g.voxel_to_lps(), g.slice_positions_mm(), volume.hu.shape)
             attrs["labels_source"] = plan.labels
         bf = write_case_arrays(store_path, plan.case_id, volume.hu, attrs, labels, codec=codec, staged=staged,
                                source=f"the series of {plan.first_file}")

@@ -1,4 +1,10 @@
-"""TODO docstring."""
+"""Read one planned DICOM series into a HU volume, its Geometry and its store attributes.
+
+`read_series` sorts the slices along the normal, drops identical duplicates, decodes each
+slice through its modality LUT (exact int16 when the rescale is integer) and records what a
+user should know (uneven spacing, gantry tilt, padding, implausible HU) as warnings;
+`case_attrs` gives the image attributes of docs/store-format.md.
+"""
 
 from __future__ import annotations
 
@@ -19,37 +25,15 @@ from tcsmae.convert.dicom_scan import (
     quiet_pydicom,
     slice_normal,
 )
+from tcsmae.store.geometry import Geometry
 
 
-# ---------------------------------------------------------------- geometry
-@dataclass
-class Geometry:
-    """Grid of a sorted series, LPS mm; shape (Z, Y, X)."""
+def series_geometry(slices: list[SliceHeader]) -> tuple[Geometry, float, bool]:
+    """Geometry of slices already sorted along the normal with unique positions.
 
-    shape: tuple[int, int, int]
-    spacing_mm: tuple[float, float, float]  # (z = median step along normal, y = row spacing, x = column spacing)
-    origin_mm: tuple[float, float, float]  # ImagePositionPatient of the first sorted slice
-    direction: np.ndarray  # (3, 3) float64; column j = unit vector of array axis j (x, y, z)
-    positions_mm: np.ndarray  # (Z, 3) float64 ImagePositionPatient of every slice
-    z_positions_mm: np.ndarray  # (Z,) float64 position along the normal
-    tilt_deg: float
-    warnings: list[str]
-    uneven: bool
-
-    def voxel_to_lps(self) -> np.ndarray:
-        """(4, 4) float64 affine from (x, y, z, 1) voxel indices to LPS mm (uniform step assumed)."""
-        a = np.eye(4)
-        a[:3, 0] = self.direction[:, 0] * self.spacing_mm[2]
-        a[:3, 1] = self.direction[:, 1] * self.spacing_mm[1]
-        z = self.shape[0]
-        step = (self.positions_mm[-1] - self.positions_mm[0]) / max(z - 1, 1)
-        a[:3, 2] = step
-        a[:3, 3] = self.positions_mm[0]
-        return a
-
-
-def series_geometry(slices: list[SliceHeader]) -> Geometry:
-    """Geometry of slices already sorted along the normal with unique positions."""
+    Returns (geometry with per-slice `positions_mm` and a warning for uneven spacing or
+    gantry tilt, tilt in degrees (0.0 below TILT_TOL_DEG), whether the steps are uneven).
+    """
     first = slices[0]
     row_dir = np.asarray(first.orientation[:3], dtype=np.float64)
     col_dir = np.asarray(first.orientation[3:], dtype=np.float64)
@@ -76,30 +60,31 @@ def series_geometry(slices: list[SliceHeader]) -> Geometry:
         tilt = 0.0
     else:
         messages.append(f"gantry tilt {tilt:.2f} deg: slice positions are not along the slice normal (grid is sheared)")
-    spacing = (median_step, float(first.pixel_spacing[0]), float(first.pixel_spacing[1]))
-    return Geometry(
-        shape=(len(slices), first.rows, first.columns),
-        spacing_mm=spacing,
+    direction = np.stack([row_dir, col_dir, normal], axis=1)  # (3, 3), columns x, y, z
+    geometry = Geometry(
+        spacing_mm=(median_step, float(first.pixel_spacing[0]), float(first.pixel_spacing[1])),
         origin_mm=tuple(float(v) for v in positions[0]),
-        direction=np.stack([row_dir, col_dir, normal], axis=1),
-        positions_mm=positions,
-        z_positions_mm=z,
-        tilt_deg=tilt,
-        warnings=messages,
-        uneven=uneven,
+        direction=tuple(tuple(float(v) for v in row) for row in direction),
+        z_positions_mm=tuple(float(v) for v in z),
+        warnings=tuple(messages),
+        positions_mm=tuple(tuple(float(v) for v in p) for p in positions),
     )
+    return geometry, tilt, uneven
 
 
 # ---------------------------------------------------------------- reading pixels
 @dataclass
 class SeriesVolume:
-    """A decoded series: hu (Z, Y, X) float32 HU sorted along the normal, and its facts."""
+    """A decoded series: hu (Z, Y, X) HU sorted along the normal (int16 when every value is an
+    exact integer in range, else float32), and its facts."""
 
     hu: np.ndarray
-    geometry: Geometry
+    geometry: Geometry  # with positions_mm, one per slice of hu
     slices: list[SliceHeader]  # sorted, duplicates removed
     warnings: list[str]
     extra_attrs: dict
+    tilt_deg: float = 0.0  # gantry tilt, degrees (0.0: slices move along the normal)
+    uneven: bool = False  # steps between slices differ (gaps, uneven spacing)
 
 
 def read_series(plan: SeriesPlan, strict: bool = False) -> SeriesVolume:
@@ -130,12 +115,12 @@ def read_series(plan: SeriesPlan, strict: bool = False) -> SeriesVolume:
     if len(runs) < MIN_SLICES:
         raise SeriesError(f"only {len(runs)} distinct slice position(s); at least {MIN_SLICES} needed", plan.first_file)
     slices = [run[0] for run in runs]
-    geometry = series_geometry(slices)
-    messages = list(plan.warnings) + geometry.warnings
-    if strict and geometry.uneven:
+    geometry, tilt_deg, uneven = series_geometry(slices)
+    messages = list(plan.warnings) + list(geometry.warnings)
+    if strict and uneven:
         raise SeriesError(f"--strict: {geometry.warnings[0]}", plan.first_file)
-    if strict and geometry.tilt_deg > 0:
-        raise SeriesError(f"--strict: gantry tilt of {geometry.tilt_deg:.2f} deg", plan.first_file)
+    if strict and tilt_deg > 0:
+        raise SeriesError(f"--strict: gantry tilt of {tilt_deg:.2f} deg", plan.first_file)
 
     with quiet_pydicom():
         hu, dropped, constant, lo, hi, reader = _decode_runs(runs, geometry, rows, cols)
@@ -148,7 +133,8 @@ def read_series(plan: SeriesPlan, strict: bool = False) -> SeriesVolume:
             f"implausible HU range [{lo:g}, {hi:g}] for CT (expected within {list(PLAUSIBLE_HU)}); "
             "check RescaleSlope/RescaleIntercept and PixelPaddingValue"
         )
-    return _finish(hu, geometry, slices, messages, reader)
+    return SeriesVolume(hu, geometry, slices, messages, _extra_attrs(geometry, tilt_deg, slices, reader),
+                        tilt_deg, uneven)
 
 
 def _decode_runs(runs, geometry, rows, cols):
@@ -176,7 +162,8 @@ def _decode_runs(runs, geometry, rows, cols):
     return hu, dropped, constant, lo, hi, reader
 
 
-def _finish(hu, geometry, slices, messages, reader) -> SeriesVolume:
+def _extra_attrs(geometry: Geometry, tilt_deg: float, slices: list[SliceHeader], reader) -> dict:
+    """DICOM-only store attributes: modality LUT, rescales, padding, tilt, multi-frame."""
     extra: dict = {"modality_lut": ", ".join(sorted(reader.luts))}
     if len(reader.rescales) > 1:
         extra["rescale_varies"] = {
@@ -187,13 +174,13 @@ def _finish(hu, geometry, slices, messages, reader) -> SeriesVolume:
         extra["padding_value"] = reader.padding_value
         extra["padding_voxels"] = reader.padding_voxels
         extra["padding_hu"] = PADDING_HU
-    if geometry.tilt_deg > 0:
-        extra["tilt_deg"] = geometry.tilt_deg
+    if tilt_deg > 0:
+        extra["tilt_deg"] = tilt_deg
         # the true step between slices (LPS mm); `direction` column z stays the slice normal
-        extra["slice_step_mm"] = geometry.voxel_to_lps()[:3, 2].tolist()
+        extra["slice_step_mm"] = geometry.slice_step_mm().tolist()
     if any(h.frame is not None for h in slices):
         extra["multiframe"] = True
-    return SeriesVolume(hu, geometry, slices, messages, extra)
+    return extra
 
 
 class _SliceReader:
@@ -321,13 +308,9 @@ def _padding_mask(ds, dtype: np.dtype) -> _PaddingMask | None:
 
 def case_attrs(plan: SeriesPlan, volume: SeriesVolume) -> dict:
     """The store attributes of a converted series (names fixed by docs/store-format.md)."""
-    g = volume.geometry
     first = volume.slices[0]
-    attrs = {
-        "spacing_mm": [float(v) for v in g.spacing_mm],
-        "origin_mm": [float(v) for v in g.origin_mm],
-        "direction": g.direction.tolist(),
-        "z_positions_mm": [float(v) for v in g.z_positions_mm],
+    attrs = volume.geometry.to_attrs()  # spacing_mm, origin_mm, direction, z_positions_mm
+    attrs.update({
         "patient_id": plan.patient_id if plan.patient_id is not None else first.patient_id,
         "study_uid": first.study_uid,
         "series_uid": first.series_uid,
@@ -338,7 +321,7 @@ def case_attrs(plan: SeriesPlan, volume: SeriesVolume) -> dict:
         "source_files": len({h.path for h in plan.slices}),
         "source_first_file": plan.first_file,
         "transfer_syntaxes": sorted({h.transfer_syntax for h in plan.slices}),
-    }
+    })
     if plan.conversion:
         attrs["conversion"] = dict(plan.conversion)
     attrs.update(volume.extra_attrs)

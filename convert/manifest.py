@@ -1,19 +1,9 @@
-"""The conversion manifest: a CSV listing what to convert, shared by both converters.
+"""The conversion manifest: a CSV of what to convert, shared by both converters.
 
-Columns (header row required, order free):
-
-    source      DICOM folder/file (dicom_to_zarr) or NIfTI file/case folder (nifti_to_zarr)
-    labels      optional NIfTI label map for that source
-    case_id     optional case id overriding the automatic one
-    patient_id  optional patient id overriding the one in the source (anonymised data
-                often has none; folds are split by patient)
-
-Only `source` is required; empty cells mean "not given". Other columns are ignored, so a
-manifest may carry notes. Relative paths are relative to the manifest file's folder.
-
-    rows = read_manifest("cases.csv")
-    for row in rows:
-        row.source, row.labels, row.case_id, row.patient_id   # Path, Path | None, str | None, str | None
+Columns `source` (required), `labels`, `case_id`, `patient_id` (docs/store-format.md,
+"Conversion inputs"); empty cells mean "not given", other columns are ignored, relative
+paths are relative to the manifest's folder. `read_manifest(path)` gives one ManifestRow
+per line. Also home of what both converters know about sources (NIFTI_SUFFIXES).
 """
 
 from __future__ import annotations
@@ -25,6 +15,8 @@ from pathlib import Path
 from tcsmae.errors import UserError
 
 COLUMNS = ("source", "labels", "case_id", "patient_id")
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+"""File name endings of a NIfTI source (the DICOM converter points such files to convert-nifti)."""
 
 
 @dataclass(frozen=True)

@@ -1,34 +1,9 @@
 """NIfTI -> tcsmae store: `tcsmae convert-nifti` (also `python convert/nifti_to_zarr.py`).
 
-    python convert/nifti_to_zarr.py IMAGE.nii.gz [--labels SEG.nii.gz] -o OUT.zarr [--case-id ID]
-    python convert/nifti_to_zarr.py CASE_FOLDER -o OUT.zarr          # TotalSegmentator layout
-    python convert/nifti_to_zarr.py --manifest cases.csv -o OUT.zarr
-
-Each source becomes one case. A source is
-- a NIfTI image file (`.nii` / `.nii.gz`), HU with the header's scl_slope/scl_inter applied;
-  case id = file name without `.nii(.gz)`;
-- a TotalSegmentator case folder: `ct.nii.gz` plus `segmentations/<structure>.nii.gz` (one
-  binary mask per structure). The masks are combined into one label map with the ids of
-  TotalSegmentator's 'total' task (--structure-ids FILE.json, else the installed
-  totalsegmentator package's table); masks of unknown names are
-  skipped and overlaps resolved in favour of the higher id, both with a warning. Case id =
-  folder name.
-
-Arrays are reoriented, never resampled, into the store's convention (convert/orientation.py:
-(Z, Y, X), rows anterior -> posterior, columns right -> left, slices ascending along the
-normal); the original affine and shape are kept as `source_affine` / `source_shape`. HU are
-stored as int16 when every value is an exact integer, else float32. A label map must lie on
-its image's grid (same shape, voxel positions within 1% of a voxel): otherwise the case
-fails, it is never resampled.
-
-Re-running skips cases whose source digest (sha256 over the image and label files) matches,
-and reports those among them with visible damage (store.StoreWriter.damage) as failed, with
-the repair command, without touching them; a case id already holding another source is
-refused unless --overwrite. --overwrite replaces a case only after its source was decoded
-and its new arrays written, so a failed rebuild keeps the old case.
-
-Exit codes: 0 every case converted or up to date; 3 some converted, some failed; 1 none
-converted; 2 usage error.
+Each source, a NIfTI image or a TotalSegmentator case folder (ct.nii.gz + segmentations/),
+becomes one case, reoriented into the store's layout without resampling
+(tcsmae.store.geometry); a label map must lie on its image's grid. Sources, re-runs,
+--overwrite and exit codes: docs/store-format.md, "Converters".
 """
 
 from __future__ import annotations
@@ -41,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tcsmae.convert.manifest import read_manifest
+from tcsmae.convert.manifest import NIFTI_SUFFIXES, read_manifest
 from tcsmae.errors import UserError
 from tcsmae.store.format import check_case_id, storage_dtype
 from tcsmae.store.geometry import grid_mismatch, nifti_to_store_grid
@@ -50,11 +25,11 @@ from tcsmae.store.writer import StoreWriter
 
 HELP = "convert NIfTI CT volumes (and label maps, or TotalSegmentator case folders) into a tcsmae store"
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 TOTALSEG_IMAGE = "ct.nii.gz"
 TOTALSEG_MASKS = "segmentations"
 NONFINITE_HU = -1024.0
 """HU given to NaN/inf voxels of a float NIfTI (air, as for DICOM padding)."""
+
 
 @lru_cache(maxsize=4)
 def totalsegmentator_ids(table: Path | None = None) -> dict[str, int]:
@@ -110,7 +85,7 @@ class NiftiSource:
     case_id: str
     patient_id: str
     conversion: dict = field(default_factory=dict, compare=False)
-    """The arguments that convert it (repair.conversion_arguments), recorded for repairs."""
+    """The arguments that convert it (tcsmae.store.repair.conversion_arguments), recorded for repairs."""
     structure_ids: Path | None = None
     """--structure-ids: id -> name JSON for the masks' ids (None: the totalsegmentator package's)."""
 
@@ -309,7 +284,6 @@ def convert_sources(sources: list[NiftiSource], out: Path, codec: str = "zstd", 
     A failing case (bad file, label map on another grid) does not stop the others.
     """
     from tqdm import tqdm
-
 
     result: dict[str, list] = {"converted": [], "skipped": [], "failed": []}
     seen: dict[str, Path] = {}

@@ -1,43 +1,9 @@
-"""Synthetic chest CT: the embedded default data (`tcsmae phantom`).
+"""Synthetic chest CT anatomy: the embedded default data (`tcsmae phantom`).
 
-Writes, per case, an axial CT series as DICOM files (pydicom; CT Image Storage, explicit VR
-little endian, uncompressed), a NIfTI label map of the same grid, and one `manifest.csv`
-for `tcsmae convert --manifest`:
-
-    DIR/dicom/phantom_000/IM0001.dcm ...   one folder per case (InstanceNumber 1 = most
-                                           superior slice, as scanners number head-first;
-                                           the converter must sort by position)
-    DIR/labels/phantom_000.nii.gz          uint8 label map, RAS+ layout (as dcm2niix-style
-                                           tools write), affine built from the DICOM geometry
-    DIR/manifest.csv                       columns source, labels, case_id, patient_id
-                                           (paths relative to DIR)
-
-Pixels: int16 stored values with RescaleSlope 1, RescaleIntercept -1024 (HU = stored - 1024),
-HU clipped to [-1024, 3071]. Geometry: ImageOrientationPatient [1,0,0, 0,1,0] (rows run
-anterior -> posterior, columns right -> left), square pixels of 358.4 / size mm (0.7 mm at
-512 px, 2.8 mm at the default 128 px: the chest fits any size), slices `slice_mm` apart.
-
-Label ids (PHANTOM_LABELS):
-
-    id  structure               HU (before noise)
-    0   background (outside air)  -1000
-    1   lung (incl. vessels, airways)  -850 parenchyma; vessels ~ +60..+150; airways -1000
-    2   fat (subcutaneous, mediastinal)  -100
-    3   soft tissue / muscle (incl. esophagus, spinal canal, discs)  40 (discs 80)
-    4   heart                   contrast blood, +40..+200 per case; myocardial rim 40
-    5   aorta                   same contrast blood as the heart
-    6   trachea and main bronchi  lumen -1000, wall 30
-    7   spine (vertebrae)       cancellous ~400, cortex ~1000
-    8   ribs and sternum        cancellous ~450, cortex ~900
-    9   ground-glass lesion (in the lungs; pneumonia stand-in)  -600..-300 per lesion
-    10  mediastinal mass (tumour stand-in)  20..60 per mass
-
-Noise: white Gaussian noise, slightly smoothed in-plane (sigma 0.8 px) and scaled to
-`noise_hu` standard deviation (default 15 HU), added after a partial-volume blur of the
-clean image (sigma 0.6 px in-plane). Anatomy varies with the seed: body size and position,
-fat and muscle thickness, organ sizes and positions, contrast level, vessel trees, and the
-number, size and place of lesions (1-3) and masses (1-2). Case i of seed s is the same
-whatever the number of cases asked for (generator keyed by (seed, i)).
+`make_case(cfg, i)` draws case i of a collection as HU and label volumes on an axial DICOM
+grid, from a generator keyed by (seed, i) alone, so a case does not depend on how many are
+asked for. Label ids, HU per structure, noise and grid: docs/store-format.md, "Embedded
+synthetic data"; phantom/dicom.py writes the cases as DICOM series and NIfTI label maps.
 """
 
 from __future__ import annotations
@@ -48,7 +14,7 @@ import numpy as np
 
 from tcsmae.errors import UserError
 
-PHANTOM_LABELS: dict[int, str] = {
+PHANTOM_LABELS: dict[int, str] = {  # HU per structure: docs/store-format.md
     0: "background",
     1: "lung",
     2: "fat",
@@ -186,60 +152,122 @@ def _random_point_in(mask: np.ndarray, g: _Grid, rng: np.random.Generator):
     return (float(g.x[0, 0, i]), float(g.y[0, j, 0]), float(g.zmm[k, 0, 0]))
 
 
+class _Canvas:
+    """The case being drawn: its grid, generator, and (Z, Y, X) label and HU volumes.
+
+    lab: uint8 ids of PHANTOM_LABELS; hu: float32 HU before blur and noise. Every step
+    below paints over what earlier steps drew, and draws from `rng` in a fixed order, so
+    a case depends on (seed, index) alone.
+    """
+
+    def __init__(self, g: _Grid, rng: np.random.Generator):
+        self.g, self.rng, self.u = g, rng, rng.uniform
+        self.lab = np.zeros(g.shape, np.uint8)
+        self.hu = np.full(g.shape, -1000.0, np.float32)
+
+    def paint(self, mask: np.ndarray, label: int, value) -> None:
+        self.lab[mask] = label
+        self.hu[mask] = value
+
+
+@dataclass(frozen=True)
+class _Body:
+    """In-plane half axes (mm, (Z, 1, 1), tapering upward) of the body outline (A, B), inside
+    the fat layer (Ai, Bi) and of the thoracic cavity inside the muscle (Ac, Bc)."""
+
+    A: np.ndarray
+    B: np.ndarray
+    Ai: np.ndarray
+    Bi: np.ndarray
+    Ac: np.ndarray
+    Bc: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Spine:
+    """Vertebral body radius r_vb (mm) and centre y (mm, (Z, 1, 1), body-centred)."""
+
+    r_vb: float
+    y: np.ndarray
+
+
 def make_case(cfg: PhantomConfig, index: int) -> PhantomCase:
     """Draw and render case `index` of the collection (deterministic in (cfg.seed, index))."""
-    from scipy.ndimage import gaussian_filter
-
     rng = np.random.default_rng([cfg.seed, index])
-    u = rng.uniform
-    fov = (u(-15, 15), u(-25, 5))  # reconstruction centre, LPS mm
-    g = _Grid(cfg, fov, centre_xy=(fov[0] + u(-8, 8), fov[1] + u(-6, 10)), z0=u(-180, -120))
-    Z, Y, X = g.shape
-    t = g.t
-    lab = np.zeros(g.shape, np.uint8)
-    hu = np.full(g.shape, -1000.0, np.float32)
+    c = _Canvas(_place_grid(cfg, rng.uniform), rng)
+    body = _draw_body(c)
+    _draw_lungs_and_mediastinum(c, body)
+    r_vb = c.u(13, 17)
+    spine = _Spine(r_vb, body.Bc - r_vb - c.u(2, 8))
+    contrast = c.u(40, 200)  # HU of contrast-filled blood
+    _draw_heart(c, body, contrast)
+    _draw_aorta(c, body, spine, contrast)
+    _draw_airways(c, spine)
+    pitch = _draw_spine(c, body, spine)
+    _draw_ribs(c, body, pitch)
+    vessels = _draw_lung_trees(c, contrast)
+    n_lesions = _draw_lesions(c, vessels)
+    n_masses = _draw_masses(c, body)
+    g = c.g
+    return PhantomCase(
+        case_id=f"phantom_{index:03d}",
+        patient_id=f"PHANTOM{cfg.seed:04d}{index:03d}",
+        hu=_blur_and_noise(c.hu, cfg.noise_hu, rng), labels=c.lab, origin_mm=(g.x0, g.y0, g.z0),
+        spacing_mm=(cfg.slice_mm, cfg.pixel_mm, cfg.pixel_mm),
+        contrast_hu=float(contrast), n_lesions=n_lesions, n_masses=n_masses,
+    )
 
-    def paint(mask, label, value):
-        lab[mask] = label
-        hu[mask] = value
 
-    # body outline, fat layer, muscle; slight taper toward the top
+def _place_grid(cfg: PhantomConfig, u) -> _Grid:
+    """The reconstruction centre, the body centre in it and the lowest slice (LPS mm)."""
+    fov = (u(-15, 15), u(-25, 5))
+    return _Grid(cfg, fov, centre_xy=(fov[0] + u(-8, 8), fov[1] + u(-6, 10)), z0=u(-180, -120))
+
+
+def _draw_body(c: _Canvas) -> _Body:
+    """Body outline, fat layer and muscle; slight taper toward the top."""
+    u, g, t = c.u, c.g, c.g.t
     A = u(140, 165) * (1 - 0.06 * t)  # (Z,1,1) half width, mm
     B = u(100, 118) * (1 - 0.04 * t)  # half depth
     fat_t, muscle_t = u(6, 18), u(10, 18)
     Ai, Bi = A - fat_t, B - fat_t
     Ac, Bc = Ai - muscle_t, Bi - muscle_t  # thoracic cavity
-    paint(g.ellipse(0, 0, A, B), 2, -100.0)
-    paint(g.ellipse(0, 0, Ai, Bi), 3, 40.0)
+    c.paint(g.ellipse(0, 0, A, B), 2, -100.0)
+    c.paint(g.ellipse(0, 0, Ai, Bi), 3, 40.0)
+    return _Body(A, B, Ai, Bi, Ac, Bc)
 
-    # lungs (apices narrow above t = 0.7), inside the cavity
+
+def _draw_lungs_and_mediastinum(c: _Canvas, body: _Body) -> None:
+    """Lungs inside the cavity (apices narrow above t = 0.7), mediastinal fat between them."""
+    u, g, t = c.u, c.g, c.g.t
+    Ac, Bc = body.Ac, body.Bc
     apex = np.sqrt(np.clip(1 - ((t - 0.7) / 0.36) ** 2 * (t > 0.7), 0.05, 1))
     cavity = g.ellipse(0, 0, Ac, Bc)
     lung_l = g.ellipse(0.5 * Ac * u(0.95, 1.05), u(-4, 6), 0.42 * Ac * apex * u(0.9, 1.0), 0.82 * Bc * apex)
     lung_r = g.ellipse(-0.5 * Ac * u(0.95, 1.05), u(-4, 6), 0.44 * Ac * apex * u(0.9, 1.0), 0.82 * Bc * apex)
     lungs = (lung_l | lung_r) & cavity
-    paint(lungs, 1, -850.0)
+    c.paint(lungs, 1, -850.0)
+    c.paint(g.ellipse(0, -0.15 * Bc, 0.2 * Ac, 0.72 * Bc) & cavity, 2, -100.0)
 
-    # mediastinum (fat) between the lungs
-    paint(g.ellipse(0, -0.15 * Bc, 0.2 * Ac, 0.72 * Bc) & cavity, 2, -100.0)
 
-    # spine: vertebral body, posterior arch, spinous process, discs
-    r_vb = u(13, 17)
-    spine_y = Bc - r_vb - u(2, 8)
-    contrast = u(40, 200)
-
-    # heart: contrast blood inside a myocardial rim
-    hc = (u(12, 25), -0.18 * float(Bc.mean()), u(0.15, 0.3) * (Z - 1) * g.dz)
+def _draw_heart(c: _Canvas, body: _Body, contrast: float) -> None:
+    """Heart: contrast blood inside a myocardial rim."""
+    u, g = c.u, c.g
+    Z = g.shape[0]
+    hc = (u(12, 25), -0.18 * float(body.Bc.mean()), u(0.15, 0.3) * (Z - 1) * g.dz)
     hr = (u(45, 58), u(40, 52), u(0.25, 0.4) * (Z - 1) * g.dz + 20)
-    heart = g.ellipsoid(hc, hr)
-    paint(heart, 4, 40.0)
+    c.paint(g.ellipsoid(hc, hr), 4, 40.0)
     inner = g.ellipsoid(hc, (hr[0] - 5, hr[1] - 5, hr[2] - 5))
-    hu[inner] = contrast
+    c.hu[inner] = contrast
 
-    # aorta: descending beside the spine, ascending in front, arch on top
+
+def _draw_aorta(c: _Canvas, body: _Body, spine: _Spine, contrast: float) -> None:
+    """Aorta: descending beside the spine, ascending in front, arch on top."""
+    u, g, t = c.u, c.g, c.g.t
+    Z = g.shape[0]
     r_ao = u(10, 14)
-    desc = (u(14, 22), float(spine_y.mean()) - r_vb - r_ao + 2)
-    asc = (u(-12, 2), -0.3 * float(Bc.mean()))
+    desc = (u(14, 22), float(spine.y.mean()) - spine.r_vb - r_ao + 2)
+    asc = (u(-12, 2), -0.3 * float(body.Bc.mean()))
     t_arch = u(0.82, 0.9)
     aorta = g.ellipse(desc[0], desc[1], r_ao, r_ao) & (t < t_arch)
     aorta |= g.ellipse(asc[0], asc[1], r_ao + 2, r_ao + 2) & (t > 0.3) & (t < t_arch)
@@ -247,11 +275,15 @@ def make_case(cfg: PhantomConfig, index: int) -> PhantomCase:
     box, dist = g.segment_distance((asc[0], asc[1], z_arch), (desc[0], desc[1], z_arch), r_ao + 1)
     arch = np.zeros(g.shape, bool)
     arch[box] = dist < r_ao + 1
-    paint(aorta | arch, 5, contrast)
+    c.paint(aorta | arch, 5, contrast)
 
-    # trachea above the carina, main bronchi below it (label 6), esophagus behind (soft tissue)
+
+def _draw_airways(c: _Canvas, spine: _Spine) -> None:
+    """Trachea above the carina, main bronchi below it (label 6), esophagus behind (soft tissue)."""
+    u, g, t = c.u, c.g, c.g.t
+    Z = g.shape[0]
     r_tr = u(8, 10)
-    tr_y = float(spine_y.mean()) - r_vb - u(18, 24)
+    tr_y = float(spine.y.mean()) - spine.r_vb - u(18, 24)
     t_car = u(0.5, 0.6)
     tube = g.ellipse(0, tr_y, r_tr, r_tr) & (t >= t_car)
     lumen = g.ellipse(0, tr_y, r_tr - 2, r_tr - 2) & (t >= t_car)
@@ -260,26 +292,39 @@ def make_case(cfg: PhantomConfig, index: int) -> PhantomCase:
         zone = (t < t_car) & (t > t_car - 0.18)
         tube |= g.ellipse(side * spread, tr_y + 4, 6.5, 6.5) & zone
         lumen |= g.ellipse(side * spread, tr_y + 4, 4.5, 4.5) & zone
-    paint(tube, 6, 30.0)
-    hu[lumen] = -1000.0
-    esophagus = g.ellipse(u(2, 8), float(spine_y.mean()) - r_vb - 6, 7, 6)
-    paint(esophagus & (lab != 5), 3, 40.0)
+    c.paint(tube, 6, 30.0)
+    c.hu[lumen] = -1000.0
+    esophagus = g.ellipse(u(2, 8), float(spine.y.mean()) - spine.r_vb - 6, 7, 6)
+    c.paint(esophagus & (c.lab != 5), 3, 40.0)
 
+
+def _draw_spine(c: _Canvas, body: _Body, spine: _Spine) -> float:
+    """Vertebral body, posterior arch, spinous process, spinal canal and discs.
+
+    Returns the vertebral pitch (mm), which the ribs follow."""
+    u, g = c.u, c.g
+    r_vb, spine_y = spine.r_vb, spine.y
     vb = g.ellipse(0, spine_y, r_vb, r_vb * 0.9)
     vb_core = g.ellipse(0, spine_y, r_vb - 2.2, r_vb * 0.9 - 2.2)
     canal_y = spine_y + r_vb * 0.9 + 8
     arch_ring = g.ellipse(0, canal_y, 13, 12) & ~g.ellipse(0, canal_y, 8, 7)
-    spinous = (np.abs(g.x) < 4) & (g.y > canal_y + 10) & (g.y < canal_y + 32) & g.ellipse(0, 0, Ai, Bi)
+    spinous = ((np.abs(g.x) < 4) & (g.y > canal_y + 10) & (g.y < canal_y + 32)
+               & g.ellipse(0, 0, body.Ai, body.Bi))
     bone_hu_core, bone_hu_cortex = u(380, 450), u(900, 1000)
-    paint(vb | arch_ring | spinous, 7, bone_hu_cortex)
-    hu[vb_core] = bone_hu_core
-    paint(g.ellipse(0, canal_y, 8, 7), 3, 40.0)
+    c.paint(vb | arch_ring | spinous, 7, bone_hu_cortex)
+    c.hu[vb_core] = bone_hu_core
+    c.paint(g.ellipse(0, canal_y, 8, 7), 3, 40.0)
     pitch, phase = u(24, 28), u(0, 24)
     disc = (((g.zmm + phase) % pitch) < 5.0) & vb
-    paint(disc, 3, 80.0)
+    c.paint(disc, 3, 80.0)
+    return pitch
 
-    # ribs: small bony ovals around the cavity wall, appearing in bands that shift with angle
-    n_ribs = int(rng.integers(8, 11))
+
+def _draw_ribs(c: _Canvas, body: _Body, pitch: float) -> None:
+    """Ribs: small bony ovals around the cavity wall, in bands that shift with angle; sternum."""
+    u, g, t = c.u, c.g, c.g.t
+    Ac, Bc = body.Ac, body.Bc
+    n_ribs = int(c.rng.integers(8, 11))
     angles = np.linspace(-0.75 * np.pi, 0.75 * np.pi, n_ribs) + u(-0.05, 0.05, n_ribs)
     rib_hu = u(420, 500)
     ribs = np.zeros(g.shape, bool)
@@ -292,11 +337,17 @@ def make_case(cfg: PhantomConfig, index: int) -> PhantomCase:
             ribs |= g.ellipse(px, py, 5.5, 5.5) & visible
             rib_core |= g.ellipse(px, py, 3.0, 3.0) & visible
     sternum = (np.abs(g.x) < 12) & (g.y < -Bc + 2) & (g.y > -Bc - 8) & (t > 0.2)
-    paint(ribs | sternum, 8, 900.0)
-    hu[rib_core | (sternum & (np.abs(g.x) < 9) & (g.y < -Bc - 0) & (g.y > -Bc - 6))] = rib_hu
+    c.paint(ribs | sternum, 8, 900.0)
+    c.hu[rib_core | (sternum & (np.abs(g.x) < 9) & (g.y < -Bc - 0) & (g.y > -Bc - 6))] = rib_hu
 
-    # lung vessels (contrast-filled) and airways, as random trees from the hila
-    lung_now = lab == 1
+
+def _draw_lung_trees(c: _Canvas, contrast: float) -> np.ndarray:
+    """Lung vessels (contrast-filled) and airways, as random trees from the hila.
+
+    Returns the vessel mask (Z, Y, X) bool (lesions keep vessels visible)."""
+    u, g, rng = c.u, c.g, c.rng
+    Z = g.shape[0]
+    lung_now = c.lab == 1
     vessels = np.zeros(g.shape, bool)
     airways = np.zeros(g.shape, bool)
     walls = np.zeros(g.shape, bool)
@@ -322,45 +373,50 @@ def make_case(cfg: PhantomConfig, index: int) -> PhantomCase:
             box, dist = g.segment_distance(hilum, end, r + 1.0)
             walls[box] |= dist < r + 1.0
             airways[box] |= dist < r
-    hu[walls & lung_now] = 30.0
-    hu[vessels & lung_now] = vessel_hu
-    hu[airways & lung_now] = -1000.0
+    c.hu[walls & lung_now] = 30.0
+    c.hu[vessels & lung_now] = vessel_hu
+    c.hu[airways & lung_now] = -1000.0
+    return vessels
 
-    # ground-glass lesions (label 9) in the lungs, keeping vessels visible through them
-    n_lesions = int(rng.integers(1, 4))
+
+def _draw_lesions(c: _Canvas, vessels: np.ndarray) -> int:
+    """Ground-glass lesions (label 9) in the lungs, vessels visible through them; returns their count."""
+    u, g = c.u, c.g
+    n_lesions = int(c.rng.integers(1, 4))
     for _ in range(n_lesions):
-        c = _random_point_in(lab == 1, g, rng)
+        centre = _random_point_in(c.lab == 1, g, c.rng)
         r = (u(8, 25), u(8, 25), u(8, 25))
-        les = g.ellipsoid(c, r) & (lab == 1)
-        lab[les] = 9
-        hu[les & ~vessels] = u(-600, -300)
+        les = g.ellipsoid(centre, r) & (c.lab == 1)
+        c.lab[les] = 9
+        c.hu[les & ~vessels] = u(-600, -300)
+    return n_lesions
 
-    # mediastinal masses (label 10): centred in mediastinal fat, growing into fat, soft tissue
-    # and lung (not into the heart, vessels, airways or bone)
-    n_masses = int(rng.integers(1, 3))
-    mediastinal_fat = (lab == 2) & g.ellipse(0, -0.15 * Bc, 0.2 * Ac, 0.72 * Bc) & (t > 0.25)
+
+def _draw_masses(c: _Canvas, body: _Body) -> int:
+    """Mediastinal masses (label 10): centred in mediastinal fat, growing into fat, soft tissue
+    and lung (not into the heart, vessels, airways or bone); returns their count."""
+    u, g, t = c.u, c.g, c.g.t
+    n_masses = int(c.rng.integers(1, 3))
+    mediastinal_fat = (c.lab == 2) & g.ellipse(0, -0.15 * body.Bc, 0.2 * body.Ac, 0.72 * body.Bc) & (t > 0.25)
     if not mediastinal_fat.any():
-        mediastinal_fat = np.isin(lab, (2, 3)) & (np.abs(g.x) < 30)
+        mediastinal_fat = np.isin(c.lab, (2, 3)) & (np.abs(g.x) < 30)
     for _ in range(n_masses):
-        c = _random_point_in(mediastinal_fat, g, rng)
+        centre = _random_point_in(mediastinal_fat, g, c.rng)
         r = (u(10, 22), u(10, 20), u(10, 22))
-        mass = g.ellipsoid(c, r) & np.isin(lab, (1, 2, 3))
-        lab[mass] = 10
-        hu[mass] = u(20, 60)
+        mass = g.ellipsoid(centre, r) & np.isin(c.lab, (1, 2, 3))
+        c.lab[mass] = 10
+        c.hu[mass] = u(20, 60)
+    return n_masses
 
-    # partial-volume blur, then smoothed Gaussian noise
+
+def _blur_and_noise(hu: np.ndarray, noise_hu: float, rng: np.random.Generator) -> np.ndarray:
+    """Partial-volume blur, then smoothed Gaussian noise of `noise_hu` standard deviation.
+
+    hu: (Z, Y, X) float32; returns (Z, Y, X) int16 HU clipped to [-1024, 3071]."""
+    from scipy.ndimage import gaussian_filter
+
     hu = gaussian_filter(hu, sigma=(0, 0.6, 0.6), mode="nearest")
-    if cfg.noise_hu > 0:
-        noise = gaussian_filter(rng.standard_normal(g.shape).astype(np.float32), sigma=(0, 0.8, 0.8))
-        hu += noise * np.float32(cfg.noise_hu / max(float(noise.std()), 1e-6))
-    hu = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
-
-    origin = (g.x0, g.y0, g.z0)
-    return PhantomCase(
-        case_id=f"phantom_{index:03d}",
-        patient_id=f"PHANTOM{cfg.seed:04d}{index:03d}",
-        hu=hu, labels=lab, origin_mm=origin,
-        spacing_mm=(cfg.slice_mm, cfg.pixel_mm, cfg.pixel_mm),
-        contrast_hu=float(contrast), n_lesions=n_lesions, n_masses=n_masses,
-    )
-
+    if noise_hu > 0:
+        noise = gaussian_filter(rng.standard_normal(hu.shape).astype(np.float32), sigma=(0, 0.8, 0.8))
+        hu += noise * np.float32(noise_hu / max(float(noise.std()), 1e-6))
+    return np.clip(np.rint(hu), -1024, 3071).astype(np.int16)

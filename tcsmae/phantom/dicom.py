@@ -1,4 +1,12 @@
-"""TODO docstring."""
+"""Phantom cases on disk: what `tcsmae phantom -o DIR` writes.
+
+    DIR/dicom/phantom_000/IM0001.dcm ...  one axial CT series per case (explicit VR little
+                                          endian; InstanceNumber 1 = most superior slice)
+    DIR/labels/phantom_000.nii.gz         uint8 label map, RAS+ layout, on the DICOM grid
+    DIR/manifest.csv                      source, labels, case_id, patient_id (relative paths)
+
+Files are the same byte for byte for a given seed (UIDs derive from (seed, case, slice)).
+"""
 
 from __future__ import annotations
 
@@ -100,7 +108,7 @@ def label_nifti(case: PhantomCase):
 
 
 def write_phantom(cfg: PhantomConfig, out: Path, overwrite: bool = False, progress: bool = True) -> list[PhantomCase]:
-    """Write cfg.cases cases under `out` (see the module docstring); returns the cases'
+    """Write cfg.cases cases under `out` (layout: the module docstring); returns the cases'
     summaries without their arrays (make_case(cfg, i) gives them again, identically).
     Each case folder appears atomically (temp folder + rename); manifest.csv is written last."""
     import dataclasses

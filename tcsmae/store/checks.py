@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Checks of a store's files that readers and the writer share: is this folder a tcsmae
+store of a version we read, are its group files intact, do its chunks carry checksums."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ def chunks_checksummed(folder: Path) -> bool:
     """Whether the array in `folder` has the checksummed format's chunk chain (ending in crc32c),
     in which a missing image chunk or shard file is damage (shard_reader.missing_shard_is_damage)."""
     import json
-
 
     try:
         return missing_shard_is_damage(json.loads((folder / "zarr.json").read_text()))

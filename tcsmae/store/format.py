@@ -1,4 +1,9 @@
-"""TODO docstring."""
+"""The store format's names and small rules, shared by its writer, readers and checks.
+
+Format name and version, file names, shard size, codecs, valid case ids, the body
+fraction (HU > -500) and no-air check, the stored dtype, content digests and the slice
+index file (read, written atomically). The format itself: docs/store-format.md.
+"""
 
 from __future__ import annotations
 
@@ -18,8 +23,12 @@ FORMAT_VERSION = 1
 INDEX_FILE = "slice_index.npz"
 LOCK_FILE = ".writer.lock"
 BODY_HU = -500.0
+"""A voxel above this HU lies inside the body (body_fraction, no_air_warning)."""
 SHARD_SLICES = 64
+"""Slices per shard file (one chunk = one slice)."""
 CODECS = ("zstd", "lz4", "none")
+GROUP_FILE = '{"zarr_format": 3, "node_type": "group", "attributes": {}}'
+"""The whole content of the group files images/zarr.json and labels/zarr.json."""
 _CASE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 
@@ -103,6 +112,7 @@ def staging_name(case_id: str) -> str:
 
 
 def empty_index() -> dict[str, np.ndarray]:
+    """The slice index of a store without cases (the five arrays, each of length 0)."""
     return {
         "case_ids": np.zeros(0, dtype="<U1"),
         "case_sha256": np.zeros(0, dtype="<U1"),
@@ -113,6 +123,7 @@ def empty_index() -> dict[str, np.ndarray]:
 
 
 def read_index(path: Path) -> dict[str, np.ndarray]:
+    """The slice index of the store at `path`; UserError naming the fix when unreadable."""
     try:
         with np.load(path / INDEX_FILE, allow_pickle=False) as f:
             return {k: f[k] for k in empty_index()}
@@ -122,7 +133,6 @@ def read_index(path: Path) -> dict[str, np.ndarray]:
             f"rebuilt by conversion: delete {path / INDEX_FILE} and run the converter again with "
             f"-o {path} (cases are re-added; their arrays are rewritten)"
         ) from exc
-
 
 
 def write_index(path: Path, index: dict[str, np.ndarray]) -> None:
@@ -139,7 +149,3 @@ def write_index(path: Path, index: dict[str, np.ndarray]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-
-
-GROUP_FILE = '{"zarr_format": 3, "node_type": "group", "attributes": {}}'
-"""The whole content of the group files images/zarr.json and labels/zarr.json."""

@@ -1,35 +1,11 @@
-"""The store's orientation convention, and exact reorientation of NIfTI images into it.
+"""Where a store array sits in patient space (`Geometry`), and exact NIfTI reorientation.
 
-Every array in a tcsmae store is laid out like an axial DICOM series:
-
-    array axes (Z, Y, X)
-    X = column index: runs toward patient LEFT      (LPS +x)
-    Y = row index:    runs toward patient POSTERIOR (LPS +y)
-    Z = slice index:  runs along the slice normal, ascending (inferior -> superior, LPS +z,
-                      for a standard axial series)
-
-Geometry is given in patient LPS millimetres (DICOM's frame; NIfTI's RAS frame is the same
-space with x and y negated):
-
-    spacing_mm      [z, y, x] voxel step along each array axis, mm
-    origin_mm       [x, y, z] LPS position of the centre of voxel [0, 0, 0]
-    direction       3x3 nested list, direction[i][j] = LPS component i of the unit vector of
-                    array axis j, with j in the order x = column, y = row, z = slice
-                    (so column j is a unit vector; identity for a standard axial grid)
-    z_positions_mm  one per slice: the LPS position of the slice's first voxel projected on
-                    the slice normal (the unit cross product of the x and y directions),
-                    as DICOM converters compute from ImagePositionPatient
-
-so that the LPS position of array voxel [k, j, i] (z, y, x) is
-
-    origin_mm + direction @ ([i, j, k] * [spacing_x, spacing_y, spacing_z]).
-
-`nifti_to_store_grid` brings a nibabel image into this layout with pure axis flips and
-transposes (nibabel.orientations), never resampling: every voxel value is kept exactly.
-An oblique affine is put in the nearest axis-aligned layout (nibabel's io_orientation);
-the direction cosines stay the exact (oblique) ones, and the original affine and shape are
-kept as `source_affine` / `source_shape` so `store_to_nifti` can give back the original
-voxel layout and affine bit for bit.
+Arrays are (Z, Y, X) like an axial DICOM series, with geometry in patient LPS mm (the
+convention and attribute names: docs/store-format.md, "Orientation convention" and
+"Per-array attributes"). One `Geometry` type serves every source: the DICOM converter
+(with per-slice positions), the NIfTI converter and readers of stored attributes.
+`nifti_to_store_grid` and `store_to_nifti` move NIfTI images into and out of this layout
+by axis flips and transposes only, never resampling.
 """
 
 from __future__ import annotations
@@ -48,14 +24,21 @@ _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 @dataclass(frozen=True)
 class Geometry:
-    """Where a (Z, Y, X) store array sits in patient LPS space (see the module docstring)."""
+    """Where a (Z, Y, X) array sits in patient LPS space (docs/store-format.md).
+
+    The LPS position of voxel [k, j, i] (z, y, x) is
+    origin_mm + direction @ ([i, j, k] * [spacing_x, spacing_y, spacing_z]) for an even
+    grid; `positions_mm`, when known, holds each slice's true position (gaps, uneven steps,
+    gantry tilt).
+    """
 
     spacing_mm: tuple[float, float, float]
-    """Voxel step along the array axes [z, y, x], mm (always positive)."""
+    """Voxel step along the array axes [z, y, x], mm (always positive; z: median step for DICOM)."""
     origin_mm: tuple[float, float, float]
     """LPS position [x, y, z] of the centre of voxel [0, 0, 0], mm."""
     direction: tuple[tuple[float, float, float], ...]
-    """3x3, direction[i][j] = LPS component i of the unit vector of array axis j (x, y, z)."""
+    """3x3, direction[i][j] = LPS component i of the unit vector of array axis j (x, y, z);
+    for DICOM, column z is the slice normal."""
     z_positions_mm: tuple[float, ...]
     """Per slice, first voxel's LPS position projected on the slice normal, mm; length Z."""
     source_affine: tuple[tuple[float, ...], ...] | None = None
@@ -63,14 +46,20 @@ class Geometry:
     source_shape: tuple[int, ...] | None = None
     """Spatial shape of the source NIfTI array (its own axis order), if any."""
     warnings: tuple[str, ...] = field(default=())
-    """Things a reader should know (oblique axes, shear)."""
+    """Things a reader should know (oblique axes, shear, uneven spacing, gantry tilt)."""
+    positions_mm: tuple[tuple[float, float, float], ...] | None = None
+    """Per slice, LPS [x, y, z] of its first voxel, mm (DICOM ImagePositionPatient), length Z;
+    None when the grid is even by construction (NIfTI, stored attributes)."""
 
     def __post_init__(self):
         assert len(self.spacing_mm) == 3 and all(s > 0 for s in self.spacing_mm), self.spacing_mm
         assert np.asarray(self.direction).shape == (3, 3), self.direction
+        assert self.positions_mm is None or len(self.positions_mm) == len(self.z_positions_mm), \
+            (len(self.positions_mm), len(self.z_positions_mm))
 
     def lps_affine_zyx(self) -> np.ndarray:
-        """(4, 4) float64: maps homogeneous array index [z, y, x, 1] to LPS mm [x, y, z, 1]."""
+        """(4, 4) float64: maps homogeneous array index [z, y, x, 1] to LPS mm [x, y, z, 1]
+        (the even grid: slice step = direction column z * spacing z)."""
         d = np.asarray(self.direction, dtype=np.float64)
         sz, sy, sx = self.spacing_mm
         aff = np.eye(4)
@@ -79,6 +68,34 @@ class Geometry:
         aff[:3, 2] = d[:, 0] * sx
         aff[:3, 3] = self.origin_mm
         return aff
+
+    def slice_positions_mm(self) -> np.ndarray:
+        """(Z, 3) float64: LPS [x, y, z] of each slice's first voxel, mm (`positions_mm`
+        when known, else the even grid's)."""
+        if self.positions_mm is not None:
+            return np.asarray(self.positions_mm, dtype=np.float64).reshape(-1, 3)
+        step = np.asarray(self.direction, dtype=np.float64)[:, 2] * self.spacing_mm[0]
+        k = np.arange(len(self.z_positions_mm), dtype=np.float64)[:, None]
+        return np.asarray(self.origin_mm, dtype=np.float64) + k * step
+
+    def slice_step_mm(self) -> np.ndarray:
+        """(3,) float64: LPS vector from the first slice to the next, mm; with `positions_mm`,
+        the mean step from the first to the last slice (tilted series: not along the normal)."""
+        if self.positions_mm is None:
+            return np.asarray(self.direction, dtype=np.float64)[:, 2] * self.spacing_mm[0]
+        first, last = np.asarray(self.positions_mm[0]), np.asarray(self.positions_mm[-1])
+        return (last - first) / max(len(self.positions_mm) - 1, 1)
+
+    def voxel_to_lps(self) -> np.ndarray:
+        """(4, 4) float64: maps voxel index [x, y, z, 1] to LPS mm, slice step `slice_step_mm`
+        (the DICOM convention's axis order; `lps_affine_zyx` takes [z, y, x, 1])."""
+        d = np.asarray(self.direction, dtype=np.float64)
+        a = np.eye(4)
+        a[:3, 0] = d[:, 0] * self.spacing_mm[2]
+        a[:3, 1] = d[:, 1] * self.spacing_mm[1]
+        a[:3, 2] = self.slice_step_mm()
+        a[:3, 3] = self.origin_mm  # the first slice's position
+        return a
 
     def to_attrs(self) -> dict:
         """The store's per-array attributes (JSON-ready): spacing_mm, origin_mm, direction,

@@ -1,19 +1,9 @@
 """`tcsmae info STORE [--verify]`: what a store holds, and whether its bytes are intact.
 
-Prints one row per committed case (slices, slice size, dtype, spacing [z, y, x] mm, labels,
-number of warnings, patient), the warnings themselves, and totals (cases, slices, size on
-disk = sum of the file sizes under the store folder).
-
---verify reads every slice of every committed array through the store's checked reader
-(shard index and chunk crc32c, a missing image shard is damage) and checks
-- the content digest recorded at write time (`content_sha256` attribute: sha256 of the
-  array's C-order bytes in the stored dtype) of each image and label array;
-- that the slice index agrees with the arrays (slice count and body fraction per slice);
-- that the group files images/zarr.json and labels/zarr.json parse (a writer needs them).
-A case that fails (damaged or missing shard file, digest mismatch, index disagreement) is
-named with the file and slices concerned, followed by the command that rewrites it
-(`tcsmae convert ... --overwrite`); the exit code is then 1. Arrays without a recorded
-digest are reported as "no digest" and checked only for readability and index agreement.
+One row per committed case (slices, size, dtype, spacing, labels, warnings, patient), its
+warnings and the totals; --verify reads every slice through the checked reader and compares
+digests and the slice index (tcsmae.store.verify), exiting 1 with the repair command of each
+damaged case. Details: docs/store-format.md, "Checking a store".
 """
 
 from __future__ import annotations
@@ -79,7 +69,6 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from tqdm import tqdm
-
 
     store = open_store(args.store)
     rows = describe(store)

@@ -1,24 +1,9 @@
 """The command that rewrites one damaged case of a store from its source.
 
-A damaged case (missing or corrupted shard file, broken zarr.json) is repaired by converting
-its source again with --overwrite; a plain re-run does not rebuild it (it compares source
-digests, not the stored bytes, and reports visibly damaged cases as failed). The converters
-record in each case's `conversion` attribute the arguments that converted it
-(`conversion_arguments`, docs/store-format.md "Per-array attributes"), and `repair_command`
-gives them back:
-
-    tcsmae convert SRC [SRC ...] [--labels L] [--case-id ID] [--patient-id P] --codec C -o STORE --overwrite
-    tcsmae convert-nifti SRC [--labels L] [--case-id ID] [--patient-id P] --codec C -o STORE --overwrite
-
-with SRC and L absolute, --case-id and --patient-id exactly when the conversion was given them
-(on the command line or in a manifest row). A DICOM SRC may hold other series: they are
-converted again too.
-
-Cases converted before the arguments were recorded get a best guess from their other
-attributes, said to be one, with the parts to check: SRC is the folder of the series' first
-file (the series may span several folders, or share this one with others), paths as typed
-then (relative to the folder that conversion ran in), --patient-id only when recognisable
-from the source digest.
+The converters record the arguments of each case's conversion (`conversion_arguments`, the
+`conversion` attribute); `repair_command` turns them back into `tcsmae convert ...
+--overwrite` or `tcsmae convert-nifti ... --overwrite`, or, for a case without them, into a
+best guess that says what to check (docs/store-format.md, "Checking a store").
 """
 
 from __future__ import annotations

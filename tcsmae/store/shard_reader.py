@@ -1,32 +1,11 @@
 """Read one slice of a store array straight from its shard file, without zarr-python.
 
-A training sample is one slice, one chunk. Through zarr-python each read pays its
-per-call machinery (metadata objects, the async codec pipeline, an event loop round
-trip): about 4 ms per 512x512 int16 slice here, four times the decode itself. This
-reader does only what the store format (docs/store-format.md) needs:
-
-    shard file images/<case_id>/c/<z // 64>/0/0
-    = chunk bytes ... | index: 64 x (offset, nbytes) uint64 little endian | crc32c of the index
-    chunk bytes = compressed slice (zstd | lz4 | none) [| crc32c of those bytes]
-
-1. read the shard's index once (checked against its crc32c, then cached per file
-   version), 2. `pread` the chunk's bytes, 3. check the chunk's crc32c (stores written
-   since chunks carry one), 4. decompress and view them as the array's dtype. An empty
-   chunk (index entry 2**64-1, written by Zarr when a slice equals the fill value) reads
-   as the fill value.
-
-A missing shard file means "every slice of it equals the fill value" to Zarr. For a label
-map that is plain background. The writer of the checksummed format (chunk chains ending in
-crc32c) stores every image shard, so for those arrays a reader made with
-`shards_required=True` (images) treats a missing shard as damage; the writer before it
-skipped all-0 image shards (a zero-padded partial last shard), so in an array without chunk
-checksums a missing shard still reads as the fill value (`missing_shard_is_damage`).
-Damage of any kind raises `DamagedChunk` naming the file and the slice.
-
-Arrays whose metadata is not this layout (another writer's sharding, a transposed or
-big-endian codec chain) get no reader (`ShardedSliceReader.for_array` returns None) and
-the caller falls back to zarr-python. The result always equals `zarr.Array[z]`; the
-tests compare the two on every codec and dtype.
+A training sample is one slice, one chunk, and zarr-python's per-call machinery costs several
+times the decode itself. This reader reads a shard's index once (checked against its crc32c,
+cached per file version), `pread`s the chunk, checks its crc32c and decompresses it; damage
+raises DamagedChunk naming the file and slice. Arrays of another layout get no reader
+(`ShardedSliceReader.for_array` returns None) and are read through zarr-python; the result
+always equals `zarr.Array[z]`. Byte layout and missing-shard rules: docs/store-format.md.
 """
 
 from __future__ import annotations

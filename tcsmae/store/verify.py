@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""`tcsmae info --verify` for one case: read every slice through the checked reader and
+compare the content digests and the slice index with the arrays (docs/store-format.md,
+"Checking a store")."""
 
 from __future__ import annotations
 

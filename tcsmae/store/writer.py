@@ -1,15 +1,20 @@
-"""TODO docstring."""
+"""Writing a store: `write_case_arrays` (one case's arrays, from any process) and
+`StoreWriter`, the one locked writer that commits cases to the slice index atomically.
+
+A case exists for readers only once the index lists it, so a crash never leaves half a case
+visible; the commit protocol and the array layout are in docs/store-format.md.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from tcsmae.errors import UserError
+from tcsmae.plain import to_plain
 from tcsmae.store.checks import broken_group_files, check_store_group
 from tcsmae.store.format import (
     CODECS,
@@ -58,19 +63,6 @@ def _compressors(codec: str) -> list:
     return [ZstdCodec(level=3), Crc32cCodec()]
 
 
-def _jsonable(value: Any) -> Any:
-    """Attributes as plain JSON types (NumPy scalars and arrays become Python lists/numbers)."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 def write_case_arrays(
     path: str | os.PathLike,
     case_id: str,
@@ -105,14 +97,14 @@ def write_case_arrays(
         raise UserError(f"case {case_id}: HU volume must be 3-D (Z, Y, X), got shape {hu.shape}")
     dtype = storage_dtype(hu)
     data = hu.astype(dtype) if hu.dtype != dtype else hu
-    z, y, x = data.shape
+    _, y, x = data.shape
     root = zarr.open_group(str(path), mode="a")
     compressors = _compressors(codec)
     inside = body_voxels(data)  # (Z,)
     no_air = no_air_warning(data, inside, source or f"case {case_id}")
     if no_air:
         attrs["warnings"] = [*attrs.get("warnings", []), no_air]
-    full_attrs = _jsonable(dict(attrs))
+    full_attrs = to_plain(dict(attrs))  # NumPy scalars and arrays become Python numbers and lists
     full_attrs["codec"] = codec
     full_attrs["content_sha256"] = content_sha256(data)
     arr = root.create_array(  # every shard and chunk written: a missing shard file is damage
@@ -122,28 +114,35 @@ def write_case_arrays(
     )
     arr[...] = data
     if labels is not None:
-        labels = np.asarray(labels)
-        if labels.shape != data.shape:
-            raise UserError(
-                f"case {case_id}: label map shape {labels.shape} differs from image shape "
-                f"{data.shape}; labels must be on the image grid"
-            )
-        if not np.issubdtype(labels.dtype, np.integer):
-            if not np.array_equal(labels, np.round(labels)):
-                raise UserError(f"case {case_id}: label map holds non-integer values")
-        lmax = int(labels.max()) if labels.size else 0
-        ldtype = np.uint8 if 0 <= int(labels.min() if labels.size else 0) and lmax < 256 else np.int32
-        stored_labels = labels.astype(ldtype)
-        larr = root.create_array(
-            f"labels/{name}", shape=labels.shape, dtype=ldtype, chunks=(1, y, x),
-            shards=(SHARD_SLICES, y, x), compressors=compressors, fill_value=0, overwrite=True,
-            attributes={"codec": codec, "content_sha256": content_sha256(stored_labels),
-                        "label_ids": _label_ids(stored_labels)},
-        )
-        larr[...] = stored_labels
+        _write_labels(root, name, case_id, np.asarray(labels), data.shape, compressors, codec)
     elif f"labels/{name}" in root:
         del root[f"labels/{name}"]
     return body_fraction(data, inside)
+
+
+def _write_labels(root, name: str, case_id: str, labels: np.ndarray, shape: tuple[int, int, int],
+                  compressors: list, codec: str) -> None:
+    """Write labels/<name>: (Z, Y, X) integer ids on the image grid `shape`, stored as uint8
+    when all ids are 0..255, else int32 (UserError for another shape or non-integer values)."""
+    if labels.shape != shape:
+        raise UserError(
+            f"case {case_id}: label map shape {labels.shape} differs from image shape "
+            f"{shape}; labels must be on the image grid"
+        )
+    if not np.issubdtype(labels.dtype, np.integer):
+        if not np.array_equal(labels, np.round(labels)):
+            raise UserError(f"case {case_id}: label map holds non-integer values")
+    lmax = int(labels.max()) if labels.size else 0
+    ldtype = np.uint8 if 0 <= int(labels.min() if labels.size else 0) and lmax < 256 else np.int32
+    stored_labels = labels.astype(ldtype)
+    _, y, x = shape
+    larr = root.create_array(
+        f"labels/{name}", shape=labels.shape, dtype=ldtype, chunks=(1, y, x),
+        shards=(SHARD_SLICES, y, x), compressors=compressors, fill_value=0, overwrite=True,
+        attributes={"codec": codec, "content_sha256": content_sha256(stored_labels),
+                    "label_ids": _label_ids(stored_labels)},
+    )
+    larr[...] = stored_labels
 
 
 def _label_ids(labels: np.ndarray) -> list[int]:
@@ -255,7 +254,6 @@ class StoreWriter:
         that a re-run of the converter reports such a case as damaged instead of calling it up
         to date; damage inside a file is found by reads and by `tcsmae info --verify`."""
         import json
-
 
         for group in ("images", "labels"):
             meta = self.path / group / case_id / "zarr.json"

@@ -186,3 +186,34 @@ def test_real_dicom_label_map_agrees_with_the_dicom_converters_alignment(shared_
     dicom_geom = Geometry.from_attrs(store.case_attrs(cid))
     assert grid_mismatch(lab.shape, geom, store.image(cid).shape, dicom_geom) is None
     np.testing.assert_allclose(geom.z_positions_mm, dicom_geom.z_positions_mm, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["LAS", "PSR", "oblique-12deg"])
+def test_even_grid_slice_positions_and_both_affines_agree(name):
+    """Without per-slice positions, slice_positions_mm, voxel_to_lps ([x, y, z, 1]) and
+    lps_affine_zyx ([z, y, x, 1]) describe one grid."""
+    arr, geom = nifti_to_store_grid(_image(LAYOUTS[name]))
+    assert geom.positions_mm is None
+    z = arr.shape[0]
+    pos = geom.slice_positions_mm()
+    assert pos.shape == (z, 3)
+    zyx = np.stack([np.arange(z), np.zeros(z), np.zeros(z), np.ones(z)], axis=1)
+    np.testing.assert_allclose(pos, (zyx @ geom.lps_affine_zyx().T)[:, :3], atol=1e-9)
+    xyz = zyx[:, [2, 1, 0, 3]]
+    np.testing.assert_allclose(pos, (xyz @ geom.voxel_to_lps().T)[:, :3], atol=1e-9)
+    np.testing.assert_allclose(geom.slice_step_mm(), pos[1] - pos[0], atol=1e-9)
+
+
+def test_per_slice_positions_give_the_true_step_and_stay_out_of_the_attrs():
+    """A tilted series: positions move off the slice normal; voxel_to_lps follows them,
+    lps_affine_zyx keeps the normal, and the stored attributes do not hold positions."""
+    positions = tuple((0.0, 0.5 * k, 2.0 * k) for k in range(4))  # y drifts: tilted
+    geom = Geometry(spacing_mm=(2.0, 0.7, 0.7), origin_mm=positions[0], direction=tuple(map(tuple, np.eye(3))),
+                    z_positions_mm=tuple(p[2] for p in positions), positions_mm=positions)
+    np.testing.assert_array_equal(geom.slice_positions_mm(), np.array(positions))
+    np.testing.assert_allclose(geom.slice_step_mm(), [0.0, 0.5, 2.0])
+    np.testing.assert_allclose(geom.voxel_to_lps() @ [0, 0, 3, 1], [0.0, 1.5, 6.0, 1.0])
+    np.testing.assert_allclose(geom.lps_affine_zyx() @ [3, 0, 0, 1], [0.0, 0.0, 6.0, 1.0])
+    assert "positions_mm" not in geom.to_attrs()
+    again = Geometry.from_attrs(geom.to_attrs())
+    assert again.positions_mm is None and again.z_positions_mm == geom.z_positions_mm
