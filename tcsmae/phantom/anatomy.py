@@ -8,11 +8,11 @@ synthetic data"; phantom/dicom.py writes the cases as DICOM series and NIfTI lab
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from tcsmae.errors import UserError
+from tcsmae.settings import flag, invalid
 
 PHANTOM_LABELS: dict[int, str] = {  # HU per structure: docs/store-format.md
     0: "background",
@@ -38,30 +38,30 @@ FOV_MM = 358.4  # 512 px * 0.7 mm
 class PhantomConfig:
     """Settings of one phantom collection."""
 
-    cases: int = 8
+    cases: int = field(default=8, metadata=flag("--cases"))
     """Number of cases (series) to write."""
-    seed: int = 0
-    """Seed: case i is drawn from numpy Generator keyed by (seed, i)."""
-    size: int = 128
-    """Rows = columns of each slice (pixels); pixel spacing is 358.4 / size mm."""
-    slices: int = 24
+    seed: int = field(default=0, metadata=flag("--seed"))
+    """Seed: case i is drawn from a NumPy Generator keyed by (seed, i)."""
+    size: int = field(default=128, metadata=flag("--size", metavar="PX"))
+    """Rows = columns of each slice in pixels; pixel spacing is 358.4 / size mm (512 = 0.7 mm)."""
+    slices: int = field(default=24, metadata=flag("--slices"))
     """Slices per series."""
-    slice_mm: float = 5.0
+    slice_mm: float = field(default=5.0, metadata=flag("--slice-mm", metavar="MM"))
     """Distance between slice centres along the normal, mm."""
-    noise_hu: float = 15.0
+    noise_hu: float = field(default=15.0, metadata=flag("--noise-hu", metavar="HU"))
     """Standard deviation of the added image noise, HU."""
 
     def __post_init__(self):
         if self.cases < 1:
-            raise UserError(f"--cases {self.cases}: need at least 1 case")
+            raise invalid(PhantomConfig, "cases", self.cases, "need at least 1 case")
         if not 32 <= self.size <= 1024:
-            raise UserError(f"--size {self.size}: choose 32..1024 pixels (128 default, 512 clinical)")
+            raise invalid(PhantomConfig, "size", self.size, "choose 32..1024 pixels (128 default, 512 clinical)")
         if self.slices < 3:
-            raise UserError(f"--slices {self.slices}: need at least 3 slices per series")
+            raise invalid(PhantomConfig, "slices", self.slices, "need at least 3 slices per series")
         if not 0.1 <= self.slice_mm <= 20:
-            raise UserError(f"--slice-mm {self.slice_mm}: choose 0.1..20 mm")
+            raise invalid(PhantomConfig, "slice_mm", self.slice_mm, "choose 0.1..20 mm")
         if not 0 <= self.noise_hu <= 200:
-            raise UserError(f"--noise-hu {self.noise_hu}: choose 0..200 HU")
+            raise invalid(PhantomConfig, "noise_hu", self.noise_hu, "choose 0..200 HU")
 
     @property
     def pixel_mm(self) -> float:
