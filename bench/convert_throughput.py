@@ -3,15 +3,11 @@
     .venv/bin/python bench/convert_throughput.py [--copies 4] [--phantom-cases 2]
         [--phantom-slices 40] [--phantom-dir DIR] [--workers 1 2] [--repeat 2] [--codec zstd]
 
-Two inputs, each series copied `--copies` times with fresh UIDs so that there are several
-series for the workers to share (pixel data bytes unchanged):
-- the real JPEG 2000 series of ../shared/data (20 slices, 512x512);
-- uncompressed 512x512 phantom series from `tcsmae phantom` (or an existing `--phantom-dir`).
-
-Each input is converted into a fresh store with 1 and with 2 workers, by the real command
-(`python -m tcsmae convert`, a new process, so start-up and the process pool are included).
-Prints slices/s by wall time of the command and as the converter reports it (without
-interpreter start-up).
+Inputs: the real JPEG 2000 series of ../shared/data (20 slices, 512x512) and uncompressed
+512x512 phantom series (`tcsmae phantom`, or `--phantom-dir`), each copied `--copies` times
+with fresh UIDs so that the workers have several series to share. Each is converted into a
+fresh store by the real command (`python -m tcsmae convert`, a new process: start-up and the
+process pool included); prints slices/s by wall time and as the converter reports it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The baseline a user would otherwise write: a torch Dataset doing the same steps per slice
 with NumPy/SciPy (and torch's antialiased resize), fed through a plain DataLoader with W
-worker processes. Used by the preprocessing benchmark (issue 6) as the yardstick, and
-tested to give the same outputs as the reference.
+worker processes. The preprocessing benchmark (tcsmae/bench/preprocess.py) uses it as the
+yardstick; it is tested to give the same outputs as the reference.
 """
 
 from __future__ import annotations

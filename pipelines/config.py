@@ -1,16 +1,9 @@
 """Preprocessing settings: one frozen dataclass, saved with every checkpoint via `asdict`.
 
 The defaults are the method's (../shared/reference/method-notes.md, "Input image" and
-"Tissue mask"). Order of operations, fixed for every path:
-
-    HU slice (Y, X) float32
-      -> [training size > 0] pad with air (`pad_hu`) to a centred square (aspect kept)
-      -> [augment] random affine of the HU (GPU path; parameters drawn in the source)
-      -> lung and mediastinal windows (Eq. 5) at that resolution
-      -> Sobel edge magnitude of both windows, pixel-wise maximum, fixed scaling (Eq. 6-9)
-      -> [size > 0] antialiased bilinear resize of (lung, mediastinal, edge, HU) to size x size
-      -> mask M from the (resized) HU and the per-sample draw (tissue | patch | none)
-      -> original I_o = (lung, mediastinal, edge); masked I_m = M * I_o
+"Tissue mask"). Order of operations, fixed for every path: pad to a square (when resizing)
+-> [augment] -> windows -> edges -> resize (lung, mediastinal, edge, HU) -> mask from the
+resized HU -> I_m = M * I_o (docs/pipelines.md, "Order of operations").
 """
 
 from __future__ import annotations

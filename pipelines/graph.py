@@ -1,31 +1,12 @@
 """The processing graph: HU slices in, packed (original, masked, mask, HU) out; one
 definition, both devices.
 
-`processing_graph(hu, draw, cfg, device_id)` is a plain function of DALI input nodes (the
-style of DALI's own examples); a thin `@pipeline_def` elsewhere adds the source
-(loader.py for the Zarr store, throughput.py for in-memory batches). `device_id=None`
-builds the CPU path, an integer the GPU path. One python_function runs the whole
-per-slice transform on a batch:
-
-    step                      CPU path (batch split over threads)   GPU path (CuPy kernels)
-    [augment] affine warp     fn.warp_affine (native, before)       fn.warp_affine (native)
-    windows + Sobel edges     kernels.window_edges_numpy            window_edges_cupy (fused)
-    resize to size x size     torch antialiased bilinear            resize_cupy (same tables
-                              (= the reference)                     as torch)
-    mask, I_m = M * I_o       *_mask_apply_numpy -> packed          *_mask_apply_cupy
-    labels (fine-tuning)      fn.resize INTERP_NN (native)          fn.resize INTERP_NN
-
-Output: "packed" (8, H, W) float32 per sample, channels kernels.PACKED; split it with
-kernels.split_packed (views). Why one packed output: DALI converts every input and output
-sample of a python_function separately (DLPack), a per-sample Python cost that limits the
-GPU path; one function with 2 inputs and 1 output costs 3 conversions per sample instead of
-7 for window/resize/mask as three steps with separate outputs.
-Why NumPy and torch on the CPU: DALI's native CPU arithmetic measured about half the speed
-of a plain NumPy DataLoader on 2 cores, and DALI's CPU resize of the 4-channel 512 -> 256
-stack ran ~3.7x slower than torch's; NumPy and torch release the GIL, so one chunk of the
-batch per thread runs in parallel. (DALI's own resize replicates the border instead of
-dropping outside taps, so it differs from torch in the outermost output ring.)
-Randomness is never drawn here: `draw` comes from the source (masking.py).
+`processing_graph(hu, draw, cfg, device_id)` builds it on DALI input nodes; `device_id=None`
+is the CPU path (NumPy twins and torch's resize, the batch split over threads), an integer
+the GPU path (CuPy kernels). One python_function with one packed output keeps DALI's
+per-sample Python cost low; NumPy and torch beat DALI's own CPU operators on the CPU.
+Randomness is never drawn here: `draw` comes from the source. Step table and the
+measurements behind these choices: docs/pipelines.md, "CPU and GPU paths".
 """
 
 from __future__ import annotations

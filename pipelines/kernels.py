@@ -1,29 +1,10 @@
 """Fast batched steps: each CuPy kernel with its NumPy twin of the same signature beside it.
 
-    window_edges_{numpy,cupy}(hu, lung, mediastinal, scaling, clip) -> stack
-        hu (N, Y, X) float32|int16 HU  ->  stack (N, 4, Y, X) float32 =
-        (lung window, mediastinal window, edge channel, HU as float32)
-        One fused pass: both windows (Eq. 5), Sobel of both with numpy-'reflect' borders,
-        their maximum, fixed scaling (Eq. 6-9). HU rides along as channel 3 so one resize
-        moves image and HU together (the mask is computed from the resized HU).
-
-    resize_{numpy,cupy}(stack, size) -> (N, C, size, size) float32
-        Antialiased bilinear resize, square to square, equal to torch's
-        interpolate(bilinear, antialias=True, align_corners=False) (the reference) to float
-        rounding: separable passes (x, then y) with the weight tables of `resize_weights`.
-        The CPU path calls torch itself (faster on the CPU than the table twin).
-
-    tissue_mask_apply_{numpy,cupy}(stack, chosen, lo, hi) -> packed
-        stack (N, 4, H, W) float32, chosen (N, K) uint8 (1 = interval masked)
-        -> packed (N, 8, H, W) float32, channels PACKED: original (3), masked = M * original
-        (3), mask M (1), HU (1). Interval index in float64 exactly as masking.interval_index.
-        One packed output per sample keeps DALI's per-sample Python overhead low.
-
-    patch_mask_apply_{numpy,cupy}(stack, grid, patch_size) -> packed
-        grid (N, GY, GX) uint8 (1 = patch masked); same output.
-
-The NumPy twins are what the CPU path runs; the references in windowing/edges/masking are
-the spec both are tested against. CuPy is imported only inside the *_cupy functions.
+window_edges (both windows, Sobel edges, HU as channel 3), resize (torch's antialiased
+bilinear, from `resize_weights` tables) and tissue/patch mask apply (-> packed (N, 8, H, W)
+float32, channels PACKED). The NumPy twins are what the CPU path runs; the references in
+windowing/edges/masking are the spec both are tested against. CuPy is imported only inside
+the *_cupy functions. Signatures and notes: docs/pipelines.md, "CPU and GPU paths".
 """
 
 from __future__ import annotations
@@ -108,7 +89,9 @@ def _reflect_pad(hu: np.ndarray, padded: np.ndarray) -> None:
 def window_edges_numpy(hu: np.ndarray, lung: tuple[float, float],
                        mediastinal: tuple[float, float], scaling: str, clip: float
                        ) -> np.ndarray:
-    """NumPy twin. hu (N, Y, X) float32|int16 HU -> (N, 4, Y, X) float32 (see module doc).
+    """NumPy twin. hu (N, Y, X) float32|int16 HU -> (N, 4, Y, X) float32: lung window,
+    mediastinal window, edge channel, HU as float32 (one fused pass: windows, Sobel of both
+    with numpy-'reflect' borders, their maximum, fixed scaling).
 
     Per slice (a batch of temporaries would not fit in the caches), on the flattened padded
     image so that every step is a contiguous 1-D operation (strided 2-D views run several
@@ -176,7 +159,9 @@ def _pack_numpy(stack: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def tissue_mask_apply_numpy(stack: np.ndarray, chosen: np.ndarray, lo: float, hi: float
                             ) -> np.ndarray:
-    """NumPy twin. stack (N, 4, H, W) float32, chosen (N, K) uint8 -> packed (N, 8, H, W)."""
+    """NumPy twin. stack (N, 4, H, W) float32, chosen (N, K) uint8 (1 = interval masked)
+    -> packed (N, 8, H, W) float32, channels PACKED; interval index in float64 exactly as
+    masking.interval_index."""
     n, _, h, w = stack.shape
     k = chosen.shape[1]
     scaled = (stack[:, 3].astype(np.float64) - float(lo)) * float(k) / (float(hi) - float(lo))
@@ -188,7 +173,8 @@ def tissue_mask_apply_numpy(stack: np.ndarray, chosen: np.ndarray, lo: float, hi
 
 def patch_mask_apply_numpy(stack: np.ndarray, grid: np.ndarray, patch_size: int
                            ) -> np.ndarray:
-    """NumPy twin. stack (N, 4, H, W) float32, grid (N, GY, GX) uint8 -> packed (N, 8, H, W)."""
+    """NumPy twin. stack (N, 4, H, W) float32, grid (N, GY, GX) uint8 (1 = patch masked)
+    -> packed (N, 8, H, W) float32, channels PACKED."""
     _, _, h, w = stack.shape
     ys = np.arange(h) // patch_size
     xs = np.arange(w) // patch_size

@@ -1,21 +1,11 @@
 """Masks (paper Eq. 1-3) and the keyed random draws behind them.
 
-Tissue mask. The interval of a pixel is pinned (method-notes, "Tissue mask") as
-
-    k = clip(floor((hu - lo) * K / (hi - lo)), 0, K - 1)        computed in float64,
-
-not as floor(norm * K), which differs at exact boundaries. For each sample independently
-floor(rho * K) distinct intervals are chosen without replacement; pixels in a chosen
-interval get M = 0, all others M = 1. The masked image is I_m = M * I_o on all channels.
-
-Patch mask (MAE baseline): the image is tiled by patch_size x patch_size patches (the last
-row/column may be partial); round(ratio * n_patches) distinct patches get M = 0.
-
-Randomness lives in the data source, never in DALI's generators: every draw comes from
-`sample_rng(seed, epoch, slice_id, stream)`, a NumPy Generator keyed by the sample, so the
-CPU and GPU paths mask identically and a resumed run draws the same masks. The draw is
-handed to the kernels as a per-sample vector: `chosen` (K,) uint8 (1 = interval masked) or
-`grid` (GY, GX) uint8 (1 = patch masked).
+Tissue mask: K equal HU intervals over [lo, hi] (`interval_index`, float64, pinned at exact
+boundaries), floor(rho * K) of them drawn without replacement get M = 0. Patch mask (MAE
+baseline): round(ratio * n_patches) patches get M = 0. Every draw comes from
+`sample_rng(seed, epoch, slice_id, stream)`, never from DALI's generators, so the CPU and
+GPU paths mask identically and a resumed run draws the same masks. Details:
+docs/pipelines.md, "Masks and their random draws".
 """
 
 from __future__ import annotations

@@ -6,9 +6,7 @@
 Draws the first batch of epoch 0 (shuffled by the seed) through the same pipeline as
 training, as a grid like the paper's Fig. 3: one row per sample, columns lung window,
 mediastinal window, edge channel, mask (white = kept), masked image (lung channel).
---npz saves `hu` (N, H, W) float32 HU on the output grid, `original` and `masked`
-(N, 3, H, W) float32 0..1, `mask` (N, H, W) float32 0|1, `case_index` and `z` (N,) int64.
-With --size 0 nothing is resized, so the equations can be checked exactly on these arrays.
+--npz saves the batch's arrays (`save_npz`); with --size 0 they are not resized.
 """
 
 from __future__ import annotations
@@ -97,7 +95,12 @@ def draw_grid(batch: dict, path: Path, title: str) -> None:
 
 
 def save_npz(batch: dict, path: Path) -> None:
-    """NPZ of the batch (see module doc); UserError if the samples' grids differ."""
+    """NPZ of the batch; UserError if the samples' grids differ.
+
+    Arrays: `hu` (N, H, W) float32 HU on the output grid, `original` and `masked`
+    (N, 3, H, W) float32 0..1, `mask` (N, H, W) float32 0|1, `case_index` and `z` (N,) int64.
+    With --size 0 nothing is resized, so the equations can be checked exactly on these arrays.
+    """
     shapes = {h.shape for h in batch["hu"]}
     if len(shapes) > 1:
         raise UserError(f"--npz {path}: the slices have different grids {sorted(shapes)} "

@@ -1,7 +1,7 @@
 """The whole transform of one slice, composed from the reference steps (the spec).
 
-Order (config.py's module doc): pad to square (when resizing) -> windows -> edges ->
-resize (lung, mediastinal, edge, HU) -> mask from the resized HU -> I_m = M * I_o.
+Order (docs/pipelines.md, "Order of operations"): pad to square (when resizing) -> windows
+-> edges -> resize (lung, mediastinal, edge, HU) -> mask from the resized HU -> I_m = M * I_o.
 Augmentation is not part of the reference (it is a random warp of the HU before all this).
 """
 

@@ -1,28 +1,11 @@
 """Zarr slice source for `fn.external_source(batch=True, batch_info=True, parallel=...)`.
 
-One call returns one batch for this rank: per sample
-
-    hu       (Y, X) HU, int16 when every eligible case is stored as int16 (half the bytes
-             through shared memory and to the GPU; the kernels widen exactly), else float32
-             (DALI refuses mixed types in a batch); padded with air to a square when size > 0
-    draw     (K,) uint8 chosen intervals (tissue; zeros for 'none') or (GY, GX) uint8
-             masked patches (patch), from masking.sample_rng(seed, epoch, slice_id)
-    case     (1,) int64 case index, z (1,) int64 slice within its case
-    affine   (2, 3) float32 destination-to-source matrix       (cfg.augment only)
-    label    (Y, X) int16 label ids, padded with 0               (with_labels only)
-
-Stacked mode (default when every eligible slice has the same grid after padding and there
-is no augmentation): one call returns each output as ONE array for the whole batch, hu
-(N, Y, X), draw (N, ...), case and z (N, 1), label (N, Y, X); the pipeline then runs with
-DALI batch size 1, so DALI's per-sample Python cost is paid once per batch.
-
-Epochs: the eligible slices (index body fraction >= cfg.body_fraction_min) are shuffled by a
-generator keyed by (seed, epoch); the first n_batches * batch_size * world_size of that order
-are dealt round-robin to the ranks (rank r takes positions r, r + W, ...). So ranks are
-disjoint, every rank has exactly n_batches batches (unequal counts hang DDP at the epoch
-end), and together they cover the epoch except the dropped remainder. Resuming at
-(epoch, step) skips the first `step` batches of that epoch only; the draws depend only on
-(seed, epoch, slice id), so a resumed run sees the same batches and masks.
+One call returns one batch for this rank: per sample the HU slice (int16 when every
+eligible case is int16, else float32), its mask draw, case index and z, and optionally an
+affine and labels; in stacked mode each output is one array for the whole batch. Epochs are
+shuffled by (seed, epoch) and dealt round-robin to the ranks, each with exactly n_batches
+batches; a resume at (epoch, step) sees the same batches and masks. Outputs, stacked mode,
+sharding and resume rules: docs/pipelines.md, "The slice source".
 """
 
 from __future__ import annotations
@@ -63,7 +46,8 @@ def rank_slices(order: np.ndarray, batch_size: int, rank: int, world_size: int) 
 
 def draw_mask(cfg: PipelineConfig, epoch: int, slice_id: int, shape: tuple[int, int]
               ) -> np.ndarray:
-    """The per-sample mask draw (see module doc); shape (Y, X) of the output grid."""
+    """The per-sample mask draw: (K,) uint8 chosen intervals (tissue; zeros for 'none') or
+    (GY, GX) uint8 masked patches (patch); shape (Y, X) of the output grid."""
     rng = sample_rng(cfg.seed, epoch, slice_id, STREAM_MASK)
     if cfg.masking == "tissue":
         return draw_intervals(rng, cfg.intervals, cfg.n_masked_intervals)
@@ -92,9 +76,10 @@ def draw_affine(cfg: PipelineConfig, epoch: int, slice_id: int, side: int) -> np
 class SliceSource:
     """Batch callable for DALI's external_source; picklable (store reopened per process).
 
-    store_path: a tcsmae store (convert/store.py). batch_size: per rank.
+    store_path: a tcsmae store (tcsmae.store). batch_size: per rank.
     epoch, step: where to start (resume). with_labels: also emit label slices.
-    stacked: None = whenever possible (see module doc), True = required, False = never.
+    stacked: None = whenever possible (docs/pipelines.md, "Stacked mode"), True = required,
+        False = never.
     case_ids: only these cases' slices (e.g. a fine-tuning fold); None = every case.
     """
 

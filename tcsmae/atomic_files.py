@@ -2,7 +2,7 @@
 
 A reader (or a crash) never sees half a file: either the old content or the new one.
 Used for every JSON, Markdown and picture the commands write. (Checkpoints use
-tcsmae.checkpoint, the store's index convert/store.py: same idea, own formats.)
+tcsmae.checkpoint, the store's index tcsmae/store/format.py: same idea, own formats.)
 """
 
 from __future__ import annotations

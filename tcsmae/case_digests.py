@@ -1,4 +1,8 @@
-"""TODO docstring."""
+"""The leakage guard's digests: salted SHA-256 of a store's series, patient and case ids.
+
+Pretraining records them (checkpoints, then weights.json) and fine-tuning compares its own
+cases against them (tcsmae.finetune.folds.check_leakage) to refuse cases seen in pretraining.
+"""
 
 from __future__ import annotations
 

@@ -1,18 +1,11 @@
-"""Pretraining checkpoints: atomic, and loadable with torch.load(weights_only=True).
+"""Training checkpoints: atomic, and loadable with torch.load(weights_only=True).
 
-A checkpoint is a plain dict of tensors, lists, dicts, strings and numbers:
-
-    format            "tcsmae-pretrain"     version   1
-    model             TCSMAE state dict (unet.* = smp.Unet keys, projections.*, temperature.*)
-    optimizer, scheduler, scaler            their state dicts
-    temperature       float, current NT-Xent temperature (None without one)
-    epoch, step       position to continue from: `step` global steps done; the next batch
-    data_position     {"epoch": e, "step": s}: batch s of epoch e is the next one to train on
-    rng               one dict per rank: torch CPU/CUDA, NumPy and Python RNG states
-    config            asdict(TrainConfig) with tuples as lists
-    input_size        training side in pixels (MEP sizes depend on it; resume refuses another)
-    pretraining_cases {"salt", "series_digests", "patient_digests", "n_cases", "store"}
-    versions          {"tcsmae", "torch", "smp"}
+A checkpoint is a plain dict of tensors, lists, dicts, strings and numbers, written through
+a temporary file so that a crash mid-write leaves the previous one intact (`save_checkpoint`,
+also used by fine-tuning). `load_checkpoint` reads a pretraining checkpoint (format
+"tcsmae-pretrain"; its entries are listed there, built by
+tcsmae.pretrain.engine.checkpoint_payload); `capture_rng_state` and `restore_rng_state`
+carry every RNG across a resume.
 """
 
 from __future__ import annotations
@@ -52,7 +45,22 @@ def save_checkpoint(path: str | Path, payload: dict) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint written by `save_checkpoint`, on the CPU, with weights_only=True."""
+    """A pretraining checkpoint written by `save_checkpoint`, on the CPU, with weights_only=True.
+
+    Its entries:
+
+        format            "tcsmae-pretrain"     version   1
+        model             TCSMAE state dict (unet.* = smp.Unet keys, projections.*, temperature.*)
+        optimizer, scheduler, scaler            their state dicts
+        temperature       float, current NT-Xent temperature (None without one)
+        epoch, step       position to continue from: `step` global steps done; the next batch
+        data_position     {"epoch": e, "step": s}: batch s of epoch e is the next one to train on
+        rng               one dict per rank: torch CPU/CUDA, NumPy and Python RNG states
+        config            asdict(TrainConfig) with tuples as lists
+        input_size        training side in pixels (MEP sizes depend on it; resume refuses another)
+        pretraining_cases {"salt", "series_digests", "patient_digests", "n_cases", "store"}
+        versions          {"tcsmae", "torch", "smp"}
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist: pass a file such as RUN/checkpoints/last.pt")

@@ -1,14 +1,10 @@
-"""The `tcsmae` console command: one subcommand per module.
+"""The `tcsmae` console command: one subcommand per module (the COMMANDS table).
 
-Each subcommand lives in its own module, which defines
-
-    HELP: str                                   one line for `tcsmae --help`
-    def add_arguments(parser) -> None           fills an argparse sub-parser
-    def run(args) -> int                        does the work, returns the exit code
-
-Modules are imported lazily (only the chosen one), so `tcsmae --help` and the data-side
-commands never pay for importing torch or DALI. Heavy imports inside those modules go in
-functions, not at module top, for the same reason.
+Each subcommand's module defines `HELP: str` (one line for `tcsmae --help`),
+`add_arguments(parser) -> None` (fills an argparse sub-parser) and `run(args) -> int` (does
+the work, returns the exit code). A subcommand imports only its own module, and those
+modules keep heavy imports (torch, DALI) inside functions, not at module top, so that
+`tcsmae --help` and the data-side commands do not pay for importing them.
 """
 
 from __future__ import annotations

@@ -2,19 +2,9 @@
 
     python -m tcsmae.demo [--out demo-run] [--device cpu|cuda] [--quick]
 
-Steps (each one a `tcsmae` subcommand, so the demo exercises exactly what users run):
-  1. phantom      two synthetic chest CT collections as DICOM + NIfTI labels: one to
-                  pretrain on, one (other patients) to fine-tune and evaluate on
-  2. convert      both into Zarr HU stores (labels aligned through the affines)
-  3. info         summary of the pretraining store
-  4. preview      what the model sees (Fig. 3-style grid)
-  5. pretrain     TCS-MAE, `--preset demo` (mit_b0, 128x128)
-  6. export       plain smp.Unet weights + weights.json
-  7. recon-ssim   reconstruction SSIM with masked and unmasked inputs (Fig. 5)
-  8. finetune     organ and lesion classes (phantom map) from TCS-MAE and from scratch
-  9. visualize    input, masked input, reconstruction, prediction vs reference (Fig. 6)
- 10. report       the comparison table (Table II-style)
-A step whose output is already complete is not redone, so an interrupted demo resumes.
+Each step is a `tcsmae` subcommand, so the demo exercises exactly what users run (the steps:
+`run_demo`). A step whose output is already complete is not redone, so an interrupted demo
+resumes.
 """
 
 from __future__ import annotations
@@ -38,6 +28,20 @@ def _step(title: str, argv: list[str]) -> None:
 
 
 def run_demo(out: Path, device: str = "cpu", quick: bool = False) -> None:
+    """Run the demo's steps into `out`, each one a `tcsmae` subcommand:
+
+      1. phantom      two synthetic chest CT collections as DICOM + NIfTI labels: one to
+                      pretrain on, one (other patients) to fine-tune and evaluate on
+      2. convert      both into Zarr HU stores (labels aligned through the affines)
+      3. info         summary of the pretraining store
+      4. preview      what the model sees (Fig. 3-style grid)
+      5. pretrain     TCS-MAE, `--preset demo` (mit_b0, 128x128)
+      6. export       plain smp.Unet weights + weights.json
+      7. recon-ssim   reconstruction SSIM with masked and unmasked inputs (Fig. 5)
+      8. finetune     organ and lesion classes (phantom map) from TCS-MAE and from scratch
+      9. visualize    input, masked input, reconstruction, prediction vs reference (Fig. 6)
+     10. report       the comparison table (Table II-style)
+    """
     out.mkdir(parents=True, exist_ok=True)
     pre_src, ft_src = out / "phantom-pretrain", out / "phantom-finetune"
     pre_store, ft_store = out / "pretrain.zarr", out / "finetune.zarr"

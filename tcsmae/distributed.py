@@ -1,15 +1,14 @@
 """torchrun / DDP plumbing: one process per GPU (or per CPU worker with gloo).
 
-    ctx = init_distributed("auto")      # reads RANK, WORLD_SIZE, LOCAL_RANK set by torchrun
-    with main_process_first(ctx):        # rank 0 builds shared data; the others wait
-        ...
+    ctx = init_distributed("auto")       # RANK, WORLD_SIZE, LOCAL_RANK as torchrun sets them
+    with main_process_first(ctx): ...    # rank 0 builds shared data; the others wait
     ctx.is_main                          # only rank 0 logs and writes checkpoints
     shutdown(ctx)
 
 Backend: nccl when the device is CUDA, gloo on the CPU. Multi-node works the same way
 (`torchrun --nnodes N --node-rank R --rdzv-endpoint HOST:PORT -m tcsmae.cli pretrain ...`):
-each rank reads its own shard of the store and negatives are gathered across all ranks
-(see losses.global_nt_xent).
+each rank reads its own shard of the store; negatives are gathered across all ranks
+(tcsmae.pretrain.losses.global_nt_xent).
 """
 
 from __future__ import annotations

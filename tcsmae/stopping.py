@@ -1,22 +1,11 @@
 """Stop a training run cleanly on SIGTERM or Ctrl-C: finish the step, save, exit.
 
 Schedulers (SLURM before a time limit or preemption, `docker stop`, Kubernetes) send
-SIGTERM and kill the process a little later; a plain Ctrl-C raised KeyboardInterrupt in
-the middle of a step. Inside `GracefulStop` both only set a flag (`signum`); the training
-loop passes it to every step, whose loss all-reduce makes the ranks agree on it
-(engine.train_step), and asks `requested(ctx)` at an epoch's end; then it saves a
-checkpoint at that position and raises `TrainingStopped`.
-
-- A second Ctrl-C more than `REPEAT_S` seconds after the first interrupts at once
-  (KeyboardInterrupt), as before. Closer repeats are the same Ctrl-C delivered twice
-  (torchrun's agent forwards the terminal's SIGINT to workers that already got it).
-- A process that has not stopped `GRACE_S` seconds after SIGTERM (stuck in a collective
-  or a data call) exits with 128 + SIGTERM, unsaved, as SIGTERM did before.
-- Under DDP the ranks agree after every step (a flag in the losses' all-reduce), so
-  a signal that reaches one rank only, or the ranks at different steps, stops all of them
-  after the same step: the checkpoint's barrier never waits for a rank that went on.
-- Processes forked inside the context (DALI's readers on the CPU path) leave Ctrl-C to
-  the parent and die on SIGTERM as before.
+SIGTERM and kill the process a little later, and a plain Ctrl-C would raise
+KeyboardInterrupt in the middle of a step. Inside `GracefulStop` both only set a flag; the
+training loop (tcsmae.pretrain.engine) passes it to every step, whose loss all-reduce makes
+the ranks agree on it (tcsmae.pretrain.step.train_step), and asks `requested(ctx)` at an
+epoch's end; then it saves a checkpoint at that position and raises `TrainingStopped`.
 """
 
 from __future__ import annotations
@@ -45,6 +34,18 @@ class GracefulStop:
 
     Handlers are installed only in the main thread (Python allows no other); elsewhere the
     context does nothing and `requested` stays False.
+
+    - A second Ctrl-C more than `REPEAT_S` seconds after the first interrupts at once
+      (KeyboardInterrupt, as without the handler). Closer repeats are the same Ctrl-C
+      delivered twice (torchrun's agent forwards the terminal's SIGINT to workers that
+      already got it).
+    - A process that has not stopped `GRACE_S` seconds after SIGTERM (stuck in a collective
+      or a data call) exits with 128 + SIGTERM, unsaved, as an unhandled SIGTERM would.
+    - Under DDP the ranks agree after every step (a flag in the losses' all-reduce), so a
+      signal that reaches one rank only, or the ranks at different steps, stops all of them
+      after the same step: the checkpoint's barrier never waits for a rank that went on.
+    - Processes forked inside the context (DALI's readers on the CPU path) leave Ctrl-C to
+      the parent and die on SIGTERM by the default action.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -74,7 +75,7 @@ class GracefulStop:
 
     def _handle(self, signum, frame) -> None:
         if os.getpid() != self._pid:  # a forked worker (DALI's readers) inherited the handler
-            if signum == signal.SIGTERM:  # die as before, so that a pool's teardown works
+            if signum == signal.SIGTERM:  # default action: a pool's teardown works
                 signal.signal(signum, signal.SIG_DFL)
                 os.kill(os.getpid(), signum)
             return  # Ctrl-C reaches the whole process group: the parent decides

@@ -46,9 +46,9 @@ def measure_read(store, ids, seconds: float, workers: int, batch_size: int) -> d
     """Zarr slice reads through CTStore.read_slice (decode + widen to float32).
 
     ids: (n,) int64 slice ids, read in this (shuffled) order, cycled. One process, then the
-    same through zarr-python (`zarr.Array[z]`, what read_slice did before it read shard files
-    directly; `zarr_slices_per_s`), then W DataLoader worker processes that decode and drop
-    the slice (nothing shipped back); seconds / 3 each.
+    same through zarr-python (`zarr.Array[z]`, the general reader that read_slice bypasses by
+    reading shard files directly; `zarr_slices_per_s`), then W DataLoader worker processes
+    that decode and drop the slice (nothing shipped back); seconds / 3 each.
     MB/s counts the HU bytes as stored (int16: 2 bytes per pixel).
     """
     import numpy as np
@@ -107,7 +107,7 @@ def measure_preprocess_stage(hu, pcfg, device: str, workers: int, batch_size: in
     """The pipelines' preprocess probe on the pool: hu (n, S, S) int16|float32 HU.
 
     Returns {baseline, dali_cpu, dali_gpu: {"slices_per_s": float} | None} (see
-    tcsmae.pipelines.throughput.measure_preprocess: same transform, same batches, W workers).
+    tcsmae.bench.preprocess.measure_preprocess: same transform, same batches, W workers).
     """
     import numpy as np
 

@@ -2,52 +2,11 @@
 
     tcsmae finetune --data STORE.zarr --out DIR --init weights.pt|scratch [--encoder NAME]
         [--labels-map MAP.json|chest11|phantom] [--folds 5 [--fold K]] [--epochs 50]
-        [--lr 1e-6] [--batch-size 16] [--size 256] [--device auto|cpu|cuda]
-        [--allow-overlap] [--seed 0] [--evaluate last|best]
+        [--lr 1e-6] [--device auto|cpu|cuda] [--allow-overlap] [--evaluate last|best] ...
 
-Model: the exported smp U-Net (encoder and decoder) with the 3-channel reconstruction head
-replaced by a freshly initialised smp head: 1 channel (sigmoid) for one class, C + 1
-channels (softmax, channel 0 = background) for C classes. Loss: cross-entropy (BCE for one
-class) + Dice (smp.losses), equal weights. Adam; defaults lr 1e-6 and 50 epochs are the
-paper's (IV.B), far too slow for a quick check: pass e.g. --lr 1e-3 there.
-
-Data: the pipelines' loader with masking off (labels resized nearest-neighbour), restricted
-to the fold's training cases. Validation segments whole volumes (tcsmae.inference): the
-predictions go back to the stored grid and are stacked into volumes; DSC per epoch
-(mean over the classes present, then over cases) goes to history and `DIR/val_dsc.png`
-(like the paper's Fig. 4). After the last epoch the fold is scored with DSC and HD95 in
-mm per class and per group (tcsmae.metrics) using the `--evaluate` checkpoint.
-
-Output folder:
-
-    DIR/folds.json                 the patient-grouped split (tcsmae.folds)
-    DIR/fold_K/last.pt, best.pt    checkpoints (resume: run the same command again)
-    DIR/fold_K/scores.json         per-case scores, the fold summary, the DSC history
-    DIR/fold_K/history.json        per epoch: training loss, online validation DSC (per case too)
-    DIR/fold_K/finetuned.pt/.json  the fine-tuned smp.Unet state dict + what `predict` needs
-    DIR/results.json               folds, mean, std, cases, config, label map, weights' metadata
-    DIR/val_dsc.png                online validation DSC per epoch (Fig. 4)
-
-results.json:
-
-    folds      [{"fold": k, "evaluated_epoch": e,
-                 "classes": {name: {"dsc", "hd95_mm", "n_undefined": {"dsc", "hd95_mm"}, "n_cases"}},
-                 "groups": {...same...}}]      a fold's figure = mean over its validation cases
-    mean, std  same shape, over folds (population std; null when fewer than 2 folds have a
-               defined value); n_undefined and n_cases are totals
-    cases      {case_id: {"fold": k, "classes": {name: {"dsc", "hd95_mm"}}, "groups": ...}}
-               (per-case values: the pairs of `tcsmae report`'s Wilcoxon test)
-    config     asdict(FinetuneConfig); label_map; weights (weights.json, or {"init": "scratch"})
-    complete   all folds done; n_folds; run (folder name)
-
-Undefined values are null (never NaN): DSC when the reference is empty (the structure is
-absent from the case), HD95 when the prediction or the reference is empty (tcsmae.metrics);
-means are over the defined values and n_undefined counts the rest.
-
-Code (each module imports only those after it): this one is the command and the run over
-folds; fold.py trains, resumes and scores one fold; validation.py segments the validation
-volumes; outputs.py writes finetuned.pt/.json, results.json and val_dsc.png; config.py holds
-the settings (whose fields are this command's flags) and the starting weights.
+This module is the command and the run over the patient-grouped folds; fold.py trains one.
+Model, loss, the output folder, results.json's fields and what its nulls mean:
+docs/finetune.md.
 """
 
 from __future__ import annotations
@@ -83,7 +42,7 @@ HELP = "fine-tune a U-Net from pretrained weights (or scratch) with patient-grou
 def start_summary(cfg: FinetuneConfig, encoder: str, device, folds: list, chosen, slices: dict[str, int]) -> str:
     """What the run will do, printed once at the start: settings, then each chosen fold's data.
 
-    folds: tcsmae.folds Fold entries (train, val case ids); slices: case id -> slice count.
+    folds: tcsmae.finetune.folds Fold entries (train, val case ids); slices: case id -> slice count.
     """
     start = "scratch (random weights)" if cfg.init == "scratch" else cfg.init
     which = "all" if cfg.fold is None else f"only fold {cfg.fold}"

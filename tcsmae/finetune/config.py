@@ -1,12 +1,10 @@
-"""What a fine-tuning run is configured with, and the U-Net it starts from.
+"""What a fine-tuning run is configured with, and the weights it starts from.
 
 `FinetuneConfig` holds one run's settings (`record()` goes into checkpoints and results.json).
 The starting weights are an exported weights.pt with weights.json beside it (`tcsmae
 export`), or 'scratch': weights.json names the encoder and the pretraining preprocessing,
-which fine-tuning reuses so its inputs match pretraining. `build_model` is the smp U-Net
-(encoder and decoder from those weights) with the 3-channel reconstruction head replaced by
-a freshly initialised smp head: 1 channel (sigmoid) for one class, C + 1 channels (softmax,
-channel 0 = background) for C classes.
+which fine-tuning reuses so its inputs match pretraining (`resolve_encoder`,
+`input_pipeline`). The U-Net built from them: tcsmae.finetune.model.
 """
 
 from __future__ import annotations

@@ -1,14 +1,12 @@
 """One fine-tuning fold: train on its training cases, validate every epoch, score, export.
 
-`run_fold` trains the U-Net (tcsmae.finetune_config.build_model) with Adam on the
-pipelines' loader (masking off, labels resized nearest-neighbour and mapped to classes),
-restricted to the fold's training cases; the loss is cross-entropy (BCE for one class) +
-Dice (smp.losses). After every epoch it validates (tcsmae.finetune_validation), writes
-fold_K/last.pt, best.pt and history.json, and redraws DIR/val_dsc.png. A fold resumes from
-fold_K/last.pt and a finished one (fold_K/scores.json) is not trained again, as long as the
-settings that matter (`_run_key`: the encoder as resolved, the init weights by content) are
-the same. At the end the `--evaluate` checkpoint is scored and exported
-(fold_K/finetuned.pt/.json, fold_K/scores.json).
+`run_fold` trains the U-Net (tcsmae.finetune.model.build_model) with Adam on the pipelines'
+loader (masking off, labels mapped to classes) over the fold's training cases; the loss is
+cross-entropy (BCE for one class) + Dice. After every epoch it validates
+(tcsmae.finetune.validation) and writes fold_K/last.pt, best.pt and history.json. A fold
+resumes from last.pt and a finished one (scores.json) is reused while `_run_key` (the
+encoder as resolved, the init weights by content) is the same. At the end the `--evaluate`
+checkpoint is scored and exported (fold_K/finetuned.pt/.json, scores.json).
 """
 
 from __future__ import annotations
@@ -109,8 +107,8 @@ def _checkpoint(model, optimizer, epoch, history, best_dsc, cfg, fold, encoder, 
 
 
 def _config_key(cfg: FinetuneConfig) -> dict:
-    """The configuration without what may change between runs of a fold (the key of
-    checkpoints written before `_run_key` resolved the encoder and the init weights)."""
+    """The configuration without what may change between runs of a fold (the whole run key
+    of checkpoints from tcsmae versions whose key lacks the encoder and the init weights)."""
     key = cfg.record()
     for volatile in ("fold", "device", "workers", "epochs", "precision"):  # more epochs = continue training
         key.pop(volatile)

@@ -1,18 +1,10 @@
 """Patient-grouped cross-validation folds and the pretraining leakage guard.
 
-Folds are split by patient, never by slice or series: all cases of one patient land in
-the same fold. An empty patient id (common in anonymised data) cannot be grouped, so that
-case is its own group and a warning says so. The split is deterministic from the seed:
-groups are sorted by key, shuffled with `numpy.random.default_rng(seed)`, and dealt to
-the fold with the fewest cases so far (ties: lowest fold index).
-
-`k = 1` is the sanity-check split: one fold whose training and validation sets are both
-all cases.
-
-Leakage guard: exported weights carry salted SHA-256 digests of the pretraining cases'
-series and patient ids (weights.json). A fine-tuning case whose series or (non-empty)
-patient id hashes to one of them was seen during pretraining; `check_leakage` refuses
-unless the user allows the overlap.
+Folds are split by patient, never by slice or series, deterministically from the seed
+(`make_folds`); `k = 1` is the sanity-check split (train = validate = all cases).
+`check_leakage` refuses fine-tuning cases whose series or patient id digests match the
+pretraining cases recorded in weights.json, unless the user allows the overlap. Rules:
+docs/finetune.md, "Folds and the leakage guard".
 """
 
 from __future__ import annotations

@@ -1,17 +1,10 @@
 """Whole-volume segmentation: stored HU volume -> model input slices -> class map on the stored grid.
 
-Used by online validation (`tcsmae finetune`) and by `tcsmae predict`. The forward
-geometry is the pipelines' NumPy reference (pipelines/reference.py, `preprocess_slice`
-with masking off), in their order:
-
-    HU (Y, X) -> pad with air to a centred square (side S = max(Y, X))
-              -> lung and mediastinal windows -> Sobel edge channel (at S x S)
-              -> antialiased bilinear resize of (lung, mediastinal, edge) to size x size
-
-and the way back undoes it on the logits: bilinear resize size x size -> S x S (antialiased
-when shrinking), crop the padding, then argmax over channels (softmax head) or
-sigmoid > threshold (1-channel head). Resampling logits rather than labels keeps
-boundaries smooth on the stored grid.
+Used by online validation (`tcsmae finetune`) and by `tcsmae predict`. Forward: the
+pipelines' NumPy reference (`preprocess_slice`, masking off); back: the logits are resized
+to the padded square, cropped and turned into classes, since resampling logits rather than
+labels keeps boundaries smooth on the stored grid. Step by step: docs/finetune.md,
+"Whole-volume inference".
 """
 
 from __future__ import annotations

@@ -1,22 +1,10 @@
 """Label maps: stored label ids -> training classes -> report groups (`--labels-map`).
 
-A label-map file is JSON:
-
-    {"classes": {"liver": [5], "lung": [10, 11, 12, 13, 14]},
-     "groups":  {"organs": ["liver", "lung"]}}
-
-- `classes`: class name -> the stored label ids that make up the class. Class i (1-based,
-  in the file's order) is output channel i; channel 0 is background (every id not listed).
-  One class makes a binary task (1 output channel, sigmoid), more make a multiclass task
-  (C + 1 channels, softmax).
-- `groups` (optional): group name -> member class names. A group is scored on the union
-  of its classes' masks (Table III of the paper reports groups).
-- `name`, `note` (optional): free text carried into results and reports.
-
-Shipped maps live in tcsmae/data/ and can be named instead of a path: `chest11` (today's
-TotalSegmentator ids, 11 chest classes in the paper's 5 groups), `phantom` (the
-embedded phantom's lesion and organ classes) and `phantom-lesion` (binary: its
-ground-glass lesions, a pneumonia stand-in).
+A map is JSON: `classes` (name -> stored ids; class i is output channel i, channel 0 the
+background), optional `groups` (name -> member classes, scored on the union of their
+masks), optional `name` and `note`. Shipped maps in tcsmae/data/ are named instead of a
+path: `chest11`, `phantom`, `phantom-lesion`. The file format and the shipped maps:
+docs/finetune.md, "Label maps".
 """
 
 from __future__ import annotations

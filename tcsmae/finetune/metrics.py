@@ -1,22 +1,10 @@
 """Segmentation metrics per case, in 3D on the stored grid: DSC and HD95 in millimetres.
 
-Definitions (method-notes, "Evaluation"):
-
-- DSC = 2 |P & R| / (|P| + |R|) of the binary prediction P and reference R (Z, Y, X).
-  Undefined (None) when the reference is empty: the structure is absent from the case,
-  so there is no overlap to score (MONAI's `ignore_empty=True`). An empty prediction of a
-  present structure is a real miss and scores 0.
-- HD95 (MONAI's definition) = the larger of the two directed 95th-percentile surface
-  distances: for every surface voxel of P the distance in mm to the nearest surface voxel
-  of R, the 95th percentile of those (numpy's default linear interpolation); the same from
-  R to P; the maximum of both. A surface voxel is a foreground voxel with a background
-  6-neighbour (the mask minus its binary erosion by the face-connected cross); voxels on
-  the array border count as surface. Distances use the voxel spacing (z, y, x) in mm.
-  Undefined (None) when the prediction or the reference is empty.
-
-Undefined values are None, never NaN; `summarise` averages the defined ones and counts
-the rest. Computation is cropped to the bounding box of P | R, so a small structure in a
-large volume costs little.
+Definitions are MONAI's (method-notes, "Evaluation"; spelled out in docs/finetune.md,
+"Metrics"). DSC is undefined when the reference is empty (the structure is absent from the
+case), HD95 when the prediction or the reference is empty. Undefined values are None, never
+NaN; `summarise` averages the defined ones and counts the rest. Distances are computed in
+the bounding box of P | R only, so a small structure in a large volume costs little.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ run's results.json and the validation-DSC figure.
     results.json               every finished fold's scores, mean and std over folds, per case
     val_dsc.png                online validation DSC per epoch, one line per fold (Fig. 4)
 
-The layout of results.json is described in tcsmae.finetune.
+The fields of results.json: docs/finetune.md, "results.json".
 """
 
 from __future__ import annotations

@@ -2,12 +2,11 @@
 
     tcsmae predict --weights DIR/fold_0/finetuned.pt (--data STORE.zarr | --dicom DIR | --nifti FILE) -o OUT
 
-finetuned.json beside the weights names the encoder, head, classes and preprocessing.
-DICOM folders and NIfTI files are first converted into a temporary store by the package's
-converter, run as a child process (`tcsmae convert` / `convert-nifti`), so the model sees
-what fine-tuning saw. Each case is segmented slice by slice and written back in its source
-geometry (tcsmae.store.geometry.store_to_nifti). Output: OUT/<case_id>.nii.gz, uint8 class
-indices (0 = background, i = the i-th class), and OUT/classes.json (index -> name, stored ids).
+finetuned.json beside the weights names the encoder, head, classes and preprocessing. DICOM
+and NIfTI inputs are converted into a temporary store by `tcsmae convert` / `convert-nifti`
+in a child process, so the model sees what fine-tuning saw. Output: OUT/<case_id>.nii.gz in
+the source geometry (tcsmae.store.geometry.store_to_nifti), uint8 class indices (0 =
+background, i = the i-th class), and OUT/classes.json (index -> name, stored ids).
 """
 
 from __future__ import annotations

@@ -1,20 +1,9 @@
 """`tcsmae report DIR [DIR ...]`: fine-tuning results as a Markdown table like Tables II/III.
 
-Each DIR is a `tcsmae finetune --out` folder holding results.json. Rows are runs (the
-folder name, or `--names`), columns are the label map's groups (Table III) or classes
-(`--by classes`); each cell is mean +- std over folds of DSC (%) and HD95 (mm). Only folds
-where the value is defined count: a cell says "(k fold)" when fewer than the run's folds
-contributed, and has no +- std when fewer than 2 did. A run fine-tuned with
-`--allow-overlap` (its cases may have been seen in pretraining) is marked with a dagger and a
-footnote.
-
-A second table gives paired tests of every run against the first: the Wilcoxon
-signed-rank test (scipy.stats.wilcoxon, two-sided) over the cases both runs scored, per
-column and metric, on per-case values (cases where either value is undefined are left
-out; n says how many remained).
-
-Wherever the shipped `chest11` map (or its 5 groups) is involved, the report says that
-our chest map has 11 classes, not the 16 of the paper's Table III.
+Each DIR is a `tcsmae finetune --out` folder holding results.json. Cells are mean +- std
+over folds of DSC (%) and HD95 (mm) per group or class, over the folds where the value is
+defined; a second table gives paired Wilcoxon signed-rank tests of every run against the
+first, over per-case values. Cell rules, footnotes and the tests: docs/finetune.md, "Report".
 """
 
 from __future__ import annotations

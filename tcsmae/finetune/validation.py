@@ -1,10 +1,10 @@
 """Validation of one fine-tuning fold: whole validation volumes segmented by the model.
 
-The predictions go back to the stored grid (tcsmae.inference) and are compared with the
-stored labels mapped to classes: `online_dsc` after every epoch (mean DSC over the classes
-present, then over cases), `scores` once at the end of a fold (DSC and HD95 in mm per class
-and per group, tcsmae.metrics). Inputs and references are cached up to a memory budget, so
-the epochs do not read and preprocess the same volumes again.
+The predictions go back to the stored grid (tcsmae.finetune.inference) and are compared
+with the stored labels mapped to classes: `online_dsc` after every epoch (mean DSC over the
+classes present, then over cases), `scores` once at the end of a fold (DSC and HD95 in mm
+per class and per group, tcsmae.finetune.metrics). Inputs and references are cached up to a
+memory budget, so the epochs do not read and preprocess the same volumes again.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class Validator:
         return (sum(defined) / len(defined) if defined else None), per_case
 
     def scores(self, model) -> dict:
-        """case id -> case_record of DSC and HD95 per class and group (tcsmae.metrics)."""
+        """case id -> case_record of DSC and HD95 per class and group (tcsmae.finetune.metrics)."""
         from tqdm import tqdm
 
 

@@ -3,11 +3,10 @@
     tcsmae visualize --weights weights.pt --data STORE.zarr [--finetuned DIR/fold_0/finetuned.pt]
         [--slices CASE:Z ... | --n 3] [--masking tissue|patch] [--seed 0] -o fig.png
 
-One row per slice: the input (mediastinal window), the masked input, the reconstruction
-of the masked input by the pretrained model, and - with --finetuned - the fine-tuned
-model's prediction against the reference labels (reference outline in green, prediction
-in red, over the input). Without --slices, `--n` slices are drawn at random among those
-that hold labels (or among all slices of an unlabelled store).
+One row per slice: the input (mediastinal window), the masked input, its reconstruction by
+the pretrained model, and with --finetuned the prediction (red) against the reference
+outline (green) over the input. Without --slices, `--n` random slices that hold labels
+(or any slices of an unlabelled store).
 """
 
 from __future__ import annotations
