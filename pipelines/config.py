@@ -88,7 +88,6 @@ class PipelineConfig:
     """Skip slices whose index body fraction (share of pixels > -500 HU) is below this."""
 
     def __post_init__(self) -> None:
-
         for name in ("lung_window", "mediastinal_window"):
             level, width = getattr(self, name)
             if not width > 0:

@@ -119,7 +119,6 @@ def save_npz(batch: dict, path: Path) -> None:
 
 
 def run(args) -> int:
-
     if args.n < 1:
         raise UserError(f"--n {args.n}: give at least 1 slice")
     if args.device == "cuda":

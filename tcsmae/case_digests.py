@@ -16,7 +16,6 @@ def pretraining_case_digests(store_path: Path) -> dict:
     """Salted SHA-256 digests of the store's series and patient ids (case id when empty)."""
     import secrets
 
-
     store = open_store(store_path)
     salt = secrets.token_hex(16)
     series, patients, cases = set(), set(), set()

@@ -81,7 +81,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import warnings
 
-
     def show_warning(message, category, filename, lineno, file=None, line=None):
         # users see the message, not a source line; library deprecation noise keeps its origin
         text = (f"tcsmae {args.command}: warning: {message}" if issubclass(category, UserWarning)

@@ -26,7 +26,6 @@ def slice_pool(store, n: int, seed: int = 0, pad_hu: float = -1024.0):
     """
     import numpy as np
 
-
     side = {cid: max(store.image(cid).shape[1:]) for cid in store.case_ids}
     sides = np.array([side[store.case_ids[c]] for c in store.slice_case])
     common = np.bincount(sides).argmax()

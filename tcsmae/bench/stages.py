@@ -111,7 +111,6 @@ def measure_preprocess_stage(hu, pcfg, device: str, workers: int, batch_size: in
     """
     import numpy as np
 
-
     n_batches = max(2, len(hu) // batch_size)
     if "baseline" in which:
         # the baseline's DataLoader epoch is these batches: >= 4 per worker, or some of the

@@ -69,7 +69,6 @@ class TrainingBatches:
         self._loader = None
 
     def _make_loader(self, epoch: int):
-
         kind = "cuda" if self.device.type == "cuda" else "cpu"
         device_id = (self.device.index or 0) if kind == "cuda" else None
         return make_loader(self.store_path, self.cfg.input_pipeline(), self.cfg.batch_size, kind,
@@ -99,7 +98,6 @@ class TrainingBatches:
 
 
 def _checkpoint(model, optimizer, epoch, history, best_dsc, cfg, fold, encoder, out_channels, run_key) -> dict:
-
     return {"format": FORMAT, "version": VERSION, "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history,
             "best_dsc": best_dsc, "config": cfg.record(), "run_key": run_key, "fold": fold,
@@ -137,12 +135,57 @@ def _key_changes(old: dict, new: dict, prefix: str = "") -> str:
     return ", ".join(changes)
 
 
+def _resume(last_path: Path, same_run: tuple, model, optimizer) -> tuple[int, list, float]:
+    """Load fold_K/last.pt into model and optimizer (and the random state); returns (epochs
+    done, history, best online DSC). A checkpoint of other settings is a UserError naming them."""
+    import torch
+
+    ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
+    if ckpt.get("run_key") not in same_run:
+        changes = min((_key_changes(ckpt.get("run_key") or {}, k) for k in same_run), key=lambda c: c.count(" -> "))
+        raise UserError(f"{last_path} was written with other settings ({changes}); "
+                        "re-run with the same options to resume it, or choose a new --out")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    restore_rng_state(ckpt["rng"])
+    return int(ckpt["epoch"]), list(ckpt["history"]), float(ckpt["best_dsc"])
+
+
+def _train_epoch(model, optimizer, loss_fn, bar, bf16: bool, nonfinite: int, fold_index: int,
+                 cfg: FinetuneConfig) -> tuple[float | None, int]:
+    """One epoch over the batches of `bar` (a tqdm over the loader). A non-finite loss skips
+    its step; MAX_NONFINITE in a row (counted across epochs: `nonfinite` comes in and goes out)
+    abort the fold. Returns (mean training loss, or None when no step ran; nonfinite)."""
+    import torch
+
+    model.train()
+    total, steps = 0.0, 0
+    for batch in bar:
+        with torch.autocast(batch["original"].device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(batch["original"])
+        loss = loss_fn(logits, batch["target"])  # fp32 (make_loss casts)
+        value = loss.item()
+        if not math.isfinite(value):
+            nonfinite += 1
+            if nonfinite >= MAX_NONFINITE:
+                raise UserError(f"fold {fold_index}: {nonfinite} non-finite losses in a row; lower --lr "
+                                f"(now {cfg.lr:g})")
+            continue  # skip the step
+        nonfinite = 0
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += value
+        steps += 1
+        bar.set_postfix(loss=f"{value:.4f}")
+    return (total / steps if steps else None), nonfinite
+
+
 def run_fold(store, store_path, cfg: FinetuneConfig, fold_index: int, train_ids, val_ids, label_map,
              encoder: str, meta: dict, out_dir: Path) -> dict:
     """Train one fold (resuming from fold_K/last.pt), score it, export; returns scores.json content."""
     import torch
     from tqdm import tqdm
-
 
     fold_dir = out_dir / f"fold_{fold_index}"
     fold_dir.mkdir(parents=True, exist_ok=True)
@@ -164,50 +207,23 @@ def run_fold(store, store_path, cfg: FinetuneConfig, fold_index: int, train_ids,
     start_epoch = 0
     last_path, best_path = fold_dir / "last.pt", fold_dir / "best.pt"
     if last_path.is_file():
-        ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
-        if ckpt.get("run_key") not in same_run:
-            changes = min((_key_changes(ckpt.get("run_key") or {}, k) for k in same_run), key=lambda c: c.count(" -> "))
-            raise UserError(f"{last_path} was written with other settings ({changes}); "
-                            "re-run with the same options to resume it, or choose a new --out")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch, history, best_dsc = int(ckpt["epoch"]), list(ckpt["history"]), float(ckpt["best_dsc"])
-        restore_rng_state(ckpt["rng"])
+        start_epoch, history, best_dsc = _resume(last_path, same_run, model, optimizer)
         print(f"fold {fold_index}: resuming after epoch {start_epoch} from {last_path}")
     batches = TrainingBatches(store_path, cfg, train_ids, label_map, device)
     validator = Validator(store, val_ids, cfg, label_map, device)
     bf16 = device.type == "cuda" and cfg.precision in ("auto", "bf16")
     nonfinite = 0
     for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        total, steps = 0.0, 0
         bar = tqdm(batches(epoch), desc=f"fold {fold_index} epoch {epoch + 1}/{cfg.epochs}", unit="batch",
                    total=len(batches), leave=False)
-        for batch in bar:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = model(batch["original"])
-            loss = loss_fn(logits, batch["target"])  # fp32 (make_loss casts)
-            value = loss.item()
-            if not math.isfinite(value):
-                nonfinite += 1
-                if nonfinite >= MAX_NONFINITE:
-                    raise UserError(f"fold {fold_index}: {nonfinite} non-finite losses in a row; lower --lr "
-                                    f"(now {cfg.lr:g})")
-                continue  # skip the step
-            nonfinite = 0
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += value
-            steps += 1
-            bar.set_postfix(loss=f"{value:.4f}")
-        if steps == 0:
+        train_loss, nonfinite = _train_epoch(model, optimizer, loss_fn, bar, bf16, nonfinite, fold_index, cfg)
+        if train_loss is None:
             raise UserError(f"fold {fold_index}: the loader gave no batch for {len(train_ids)} training "
                             f"case(s); lower --batch-size (now {cfg.batch_size})")
         val_dsc, per_case = validator.online_dsc(model)
-        history.append({"epoch": epoch + 1, "train_loss": total / steps, "val_dsc": val_dsc,
+        history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_dsc": val_dsc,
                         "val_dsc_cases": per_case})
-        print(f"fold {fold_index} epoch {epoch + 1}: loss {total / steps:.4f}, validation DSC "
+        print(f"fold {fold_index} epoch {epoch + 1}: loss {train_loss:.4f}, validation DSC "
               f"{'n/a' if val_dsc is None else f'{100 * val_dsc:.2f}%'}")
         improved = val_dsc is not None and val_dsc > best_dsc
         best_dsc = val_dsc if improved else best_dsc

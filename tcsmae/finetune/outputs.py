@@ -28,7 +28,6 @@ def export_finetuned(model, path: Path, encoder: str, label_map, cfg: FinetuneCo
     import segmentation_models_pytorch as smp
     import torch
 
-
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     save_checkpoint(path, state)
     info = {

@@ -77,7 +77,6 @@ class Validator:
         """case id -> case_record of DSC and HD95 per class and group (tcsmae.finetune.metrics)."""
         from tqdm import tqdm
 
-
         out = {}
         for case_id in tqdm(self.case_ids, desc="scoring", unit="case", leave=False):
             spacing = self.store.case_attrs(case_id)["spacing_mm"]
