@@ -200,10 +200,6 @@ def _pool(workers: int):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    import tcsmae.convert.dicom_scan  # noqa: F401  (loaded before forking)
-    import tcsmae.convert.dicom_volume  # noqa: F401
-    import tcsmae.convert.label_alignment  # noqa: F401
-
     methods = multiprocessing.get_all_start_methods()
     if sys.platform.startswith("linux") and "fork" in methods and _fork_safe():
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"))
