@@ -5,6 +5,7 @@
         loader.set_epoch(epoch)
         for batch in loader:                      # len(loader) batches (per rank)
             batch["original"], batch["masked"]    # (N, 3, H, W) cfg.dtype, 0..1
+            batch["original_input"]               # after set_network_inputs (masked then too)
             batch["mask"]                         # (N, 1, H, W) float32, 0|1
             batch["case_index"], batch["z"]       # (N,) int64: which slice each sample is
             batch["label"]                        # (N, H, W) int64 (with_labels=True only)
@@ -17,6 +18,7 @@ at batch s of epoch e and yields the same batches and masks as an uninterrupted 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import os
@@ -71,7 +73,23 @@ def _readers_user_errors():
                 if line.startswith(_USER_ERROR_LINE):
                     raise UserError(line[len(_USER_ERROR_LINE):]) from exc
             seen = seen.__cause__ or seen.__context__
+        if _SHM_FAILURE in str(exc):
+            raise UserError(f"the loader's reader processes could not hand over a batch ({exc}): they pass "
+                            f"batches through shared memory (/dev/shm, {_shm_size()}); give it more room "
+                            "(docker: --shm-size 8g or --ipc=host) or lower --workers / --batch-size") from exc
         raise
+
+
+_SHM_FAILURE = "Worker data receiving interrupted"
+
+
+def _shm_size() -> str:
+    """The size of /dev/shm as text, for the message above."""
+    try:
+        stat = os.statvfs("/dev/shm")
+    except OSError:
+        return "size unknown"
+    return f"{stat.f_blocks * stat.f_frsize / 2**20:.0f} MiB"
 
 
 def _start_method(gpu: bool) -> str:
@@ -166,6 +184,8 @@ class SliceLoader:
         self.epoch, self.step = int(epoch), int(step)
         self._iterator = None
         self._end_pending = False  # last batch of an epoch taken, DALI's end-of-epoch not yet
+        self._network: tuple | None = None  # (torch dtype, memory format) of set_network_inputs
+        self._in_flight: collections.deque = collections.deque()  # (CUDA event, DALI's tensors)
         self._built_at: tuple[int, int] | None = None
         self._source = SliceSource(store_path, cfg, batch_size, rank, world_size, epoch, step,
                                    with_labels, stacked, case_ids)
@@ -189,9 +209,45 @@ class SliceLoader:
             self.epoch, self.step = int(epoch), 0
             self._close()
 
+    def set_network_inputs(self, dtype, channels_last: bool = True) -> None:
+        """Hand the network's inputs ready, made in the copy out of DALI's buffers that every
+        batch gets anyway: `masked` in `dtype` (a torch dtype or its name), channels_last
+        when asked, and `original_input`, `original` in that dtype and layout. `original`
+        itself keeps cfg.dtype and the contiguous layout (pretraining's SSIM target)."""
+        import torch
+
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        self._network = (dtype, torch.channels_last if channels_last else torch.contiguous_format)
+
     def _close(self) -> None:
+        self._release_copied(every=True)
         self._iterator = None  # DALI frees the pipeline (and its workers) with the iterator
         self._end_pending = False
+
+    _MAX_IN_FLIGHT = 4
+
+    def _hold_until_copied(self, data: dict) -> None:
+        """Keep DALI's GPU tensors of a batch alive until the copies out of them, queued on
+        torch's current stream, have run (an event marks that point): DALI's buffers are
+        views that return to its memory pool when released, and the training step no longer
+        waits for the device, so that release could otherwise come before the copy ran."""
+        import torch
+
+        event = torch.cuda.Event()
+        event.record()
+        self._in_flight.append((event, data))
+        self._release_copied()
+
+    def _release_copied(self, every: bool = False) -> None:
+        """Drop the held batches whose copies have run, oldest first; waits for the copies
+        beyond _MAX_IN_FLIGHT batches (the device that far behind), or for all (`every`)."""
+        while self._in_flight:
+            event = self._in_flight[0][0]
+            if every or len(self._in_flight) > self._MAX_IN_FLIGHT:
+                event.synchronize()
+            elif not event.query():
+                break
+            self._in_flight.popleft()
 
     def _build(self) -> None:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -213,17 +269,23 @@ class SliceLoader:
 
         dtype = getattr(torch, self.cfg.dtype)
         stacked = self._source.stacked
-        parts = split_packed(data["packed"][0] if stacked else data["packed"])
+        packed = data["packed"][0] if stacked else data["packed"]
+        parts = split_packed(packed)
+        net_dtype, fmt = self._network or (dtype, torch.contiguous_format)
         batch = {
             "original": parts["original"].to(dtype, copy=True).contiguous(),
-            "masked": parts["masked"].to(dtype, copy=True).contiguous(),
+            "masked": parts["masked"].to(net_dtype, memory_format=fmt, copy=True),
             "mask": parts["mask"].to(torch.float32, copy=True).contiguous(),
             "case_index": data["case_index"].reshape(-1).to(torch.int64, copy=True),
             "z": data["z"].reshape(-1).to(torch.int64, copy=True),
         }
+        if self._network is not None:  # the network's copy of original, made in its one copy
+            batch["original_input"] = parts["original"].to(net_dtype, memory_format=fmt, copy=True)
         if self.with_labels:
             label = data["label"][0] if stacked else data["label"][:, 0]
             batch["label"] = label.to(torch.int64, copy=True)
+        if packed.is_cuda:
+            self._hold_until_copied(data)
         return batch
 
     def _next_dali(self):

@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "recon-ssim": "tcsmae.pretrain.recon_ssim",
     "visualize": "tcsmae.finetune.visualize",
     "bench": "tcsmae.bench",
+    "ablate": "tcsmae.ablate.command",
 }
 
 

@@ -62,7 +62,7 @@ def run_demo(out: Path, device: str = "cpu", quick: bool = False) -> None:
     run_dir = out / "pretrain"
     last = run_dir / "checkpoints" / "last.pt"
     pretrain = ["pretrain", "--data", str(pre_store), "--out", str(run_dir), "--preset", "demo",
-                "--device", device, "--epochs", "2"] + (["--steps-per-epoch", "20"] if quick else [])
+                "--device", device] + (["--steps-per-epoch", "20"] if quick else [])
     if last.is_file():
         pretrain += ["--resume", str(last)]
     _step("pretrain (TCS-MAE, demo preset)", pretrain)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from tcsmae.bench.config import BenchConfig
+from tcsmae.bench.probe import profile_table
 from tcsmae.bench.report import markdown_table, write_result
 from tcsmae.bench.suite import run_bench
 from tcsmae.settings import add_flags, apply_settings, flag_overrides
@@ -32,7 +34,7 @@ def config_from_args(args) -> BenchConfig:
     quick = bool(args.quick)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     defaults = {
-        "device": device, "workers": cpus, "quick": quick,
+        "device": device, "workers": cpus, "quick": quick, "compile": device == "cuda",
         # the paper's batch of 30 on a GPU; on a CPU mit_b2 at 30 takes ~75 s and 17 GB a step
         "batch_size": 30 if device == "cuda" and not quick else 8, "size": 128 if quick else 256,
         "seconds": 2.0 if quick else 10.0, "encoder": "mit_b0" if quick else "mit_b2",
@@ -56,8 +58,18 @@ def command_line(args) -> str:
         parts.append("--quick")
     if args.batch_sweep is not None:
         parts += ["--batch-sweep", *map(str, args.batch_sweep)]
+    if args.compile is not None:
+        parts.append("--compile" if args.compile else "--no-compile")
+    if args.profile:
+        parts.append("--profile")
     parts += ["--out", str(args.out)]
     return shlex.join(parts)
+
+
+def trace_path(out) -> Path:
+    """The profiler trace written beside the result file: FILE.json -> FILE.trace.json."""
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".json") + ".trace.json")
 
 
 def run(args) -> int:
@@ -68,9 +80,11 @@ def run(args) -> int:
     def save(partial: dict) -> None:
         write_result({"command": command, **partial}, args.out)
 
-    result = run_bench(cfg, say, save)
+    result = run_bench(cfg, say, save, trace_path=trace_path(args.out) if cfg.profile else None)
     result["command"] = command
     path = write_result(result, args.out)
     print(markdown_table(result))
+    if result.get("profile"):
+        print("\n" + profile_table(result["profile"]))
     print(f"\nwrote {path} ({result['stage_seconds']['total']:.0f} s)")
     return 1 if result["errors"] else 0

@@ -40,6 +40,13 @@ class BenchConfig:
     batch_sweep: tuple[int, ...] = field(default=(), metadata=flag("--batch-sweep", metavar="N"))
     """Extra train_step batch sizes to try for the best one (default on a GPU: 30 64 128; none
     on the CPU)."""
+    compile: bool = field(default=False, metadata=flag("--compile"))
+    """torch.compile the training step as `tcsmae pretrain --compile` does (default: on with
+    cuda, off on the CPU); every batch size compiles once (kernels cached between runs)."""
+    profile: bool = field(default=False, metadata=flag("--profile"))
+    """Profile 3 training steps: a torch profiler trace beside --out (FILE.trace.json, for
+    chrome://tracing or Perfetto) and the top-20 kernels (self CUDA time; self CPU time on the
+    CPU) in the result and printed."""
     gpu_preprocess_batch: int = 256
     """dali_gpu is also timed at this batch (GPU only): per-batch overheads hide at 30."""
     phantom_cases: int = 16
@@ -66,10 +73,10 @@ class BenchConfig:
 
 def train_config(cfg: BenchConfig):
     """The pretraining config benchmarked: the paper preset (demo for --quick) with the
-    bench's encoder, size, batch and workers."""
+    bench's encoder, size, batch, workers and compile setting."""
 
     base = preset("demo" if cfg.quick else "paper")
     return replace(base, model=replace(base.model, encoder=cfg.encoder),
                    pipeline=replace(base.pipeline, size=cfg.size),
-                   batch_size=cfg.batch_size, workers=cfg.workers, device=cfg.device)
+                   batch_size=cfg.batch_size, workers=cfg.workers, device=cfg.device, compile=cfg.compile)
 

@@ -18,6 +18,7 @@ from tcsmae.bench.training import (
     flops_per_pair,
     measure_end_to_end,
     measure_train,
+    profile_train,
 )
 from tcsmae.device import resolve_device
 from tcsmae.errors import UserError
@@ -46,11 +47,13 @@ def _git_revision() -> str | None:
     return git_revision()
 
 
-def run_bench(cfg: BenchConfig, say=print, save=None) -> dict:
+def run_bench(cfg: BenchConfig, say=print, save=None, trace_path=None) -> dict:
     """Measure every stage (a failing stage is recorded under `errors` and left null).
 
     save: optional callable given the result so far after every stage (`complete` is False
-    until the end), so a run killed by a time limit still leaves its finished stages."""
+    until the end), so a run killed by a time limit still leaves its finished stages.
+    With cfg.profile, `profile` holds the training step's top kernels (probe.profile_steps)
+    and the profiler trace is written to `trace_path` (when given)."""
     import traceback
 
     import torch
@@ -85,7 +88,8 @@ def run_bench(cfg: BenchConfig, say=print, save=None) -> dict:
                             "pool_slices": int(len(ids)), "pool_shape": list(hu.shape[1:]),
                             "pool_dtype": str(hu.dtype)}},
         "read": None, "preprocess": {"baseline": None, "dali_cpu": None, "dali_gpu": None}, "loader": None,
-        "train_step": None, "end_to_end": None, "ratios": {}, "errors": {}, "stage_seconds": {},
+        "train_step": None, "end_to_end": None, "profile": None, "ratios": {}, "errors": {},
+        "stage_seconds": {},
         "complete": False,
     }
 
@@ -124,6 +128,10 @@ def run_bench(cfg: BenchConfig, say=print, save=None) -> dict:
     flops = stage("flop_count", lambda: flops_per_pair(trainer)) if trainer else None
     if trainer is not None:
         train = stage("train_step", lambda: measure_train(trainer, cfg.batch_size, cfg.seconds, flops))
+        if train is not None and train.get("compile_s") is not None:
+            say(f"[train_step] compiled the training step in {train['compile_s']:.0f} s (its first step)")
+        if cfg.profile:
+            result["profile"] = stage("profile", lambda: profile_train(trainer, cfg.batch_size, trace_path))
         if train is not None and cfg.batch_sweep:
             swept = stage("batch_sweep", lambda: batch_sweep(trainer, cfg.batch_sweep,
                                                              cfg.seconds / len(cfg.batch_sweep),

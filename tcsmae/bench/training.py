@@ -1,13 +1,15 @@
 """The training stages of `tcsmae bench`: one `Trainer` (tcsmae.pretrain.step's training
-setup) measured alone (train_step, batch sweep, FLOPs for MFU) and fed by the store loader
-(end_to_end). FLOPs, peak memory and MFU are read by tcsmae.bench.probe."""
+setup) measured alone (train_step, batch sweep, FLOPs for MFU, the profile) and fed by the
+store loader (end_to_end). FLOPs, peak memory, MFU and the profile are read by
+tcsmae.bench.probe. Batches come in the network's dtype and memory format, as the
+pretraining loader hands them."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
 
-from tcsmae.bench.probe import mfu, peak_memory_gb, reset_peak_memory, step_flops
+from tcsmae.bench.probe import mfu, peak_memory_gb, profile_steps, reset_peak_memory, step_flops
 from tcsmae.bench.stages import timed
 from tcsmae.distributed import DistContext, resolve_device
 from tcsmae.pipelines.loader import make_loader
@@ -33,6 +35,12 @@ class Trainer:
         if self.ctx.device.type == "cuda":
             torch.cuda.current_stream(self.ctx.device).synchronize()
 
+    def batch(self, batch_size: int) -> dict:
+        """A synthetic batch in the network's input format (as the pretraining loader hands it)."""
+        setup = self.setup
+        return SyntheticBatches(batch_size, self.size, 1, device=self.ctx.device,
+                                input_dtype=setup.input_dtype, channels_last=setup.channels_last).batch(0, 0)
+
 
 def build_trainer(tcfg, device: str) -> Trainer:
     dev = resolve_device(device)
@@ -42,18 +50,21 @@ def build_trainer(tcfg, device: str) -> Trainer:
 
 def flops_per_pair(trainer: Trainer, pairs: int = 2) -> float:
     """Training FLOPs per pair (tcsmae.bench.probe.step_flops on a synthetic batch of `pairs`)."""
-    batch = SyntheticBatches(pairs, trainer.size, 1, device=trainer.ctx.device).batch(0, 0)
-    return step_flops(trainer.setup, batch, trainer.ctx.device) / pairs
+    return step_flops(trainer.setup, trainer.batch(pairs), trainer.ctx.device) / pairs
 
 
 def measure_train(trainer: Trainer, batch_size: int, seconds: float, flops: float | None = None) -> dict:
     """Training steps (tcsmae.pretrain.step.train_step) on one in-memory batch, torch's stream
     synchronised after each step. peak_mem_gb (tcsmae.bench.probe.peak_memory_gb): GPU = max
-    allocated during the timed steps; CPU = the process's peak resident set (everything so far)."""
+    allocated during the timed steps; CPU = the process's peak resident set (everything so far).
+    compiled: whether the step was torch.compile'd; compile_s: the host time of its first
+    step, compilation included (None when it was compiled before, at another batch size or
+    stage, or not at all)."""
     import torch
 
     dev = trainer.ctx.device
-    batch = SyntheticBatches(batch_size, trainer.size, 1, device=dev).batch(0, 0)
+    batch = trainer.batch(batch_size)
+    compiling = trainer.setup.compiled and trainer.setup.compile_seconds is None
 
     def step() -> int:
         train_step(trainer.setup, batch, trainer.ctx)
@@ -66,7 +77,8 @@ def measure_train(trainer: Trainer, batch_size: int, seconds: float, flops: floa
     pairs, elapsed = timed(step, seconds, warmup=2 if dev.type == "cuda" else 1)
     out = {"pairs_per_s": pairs / elapsed, "batch_size": batch_size, "steps": pairs // batch_size,
            "seconds": elapsed, "precision": str(trainer.setup.amp or torch.float32).replace("torch.", ""),
-           "channels_last": trainer.setup.channels_last}
+           "channels_last": trainer.setup.channels_last, "compiled": trainer.setup.compiled,
+           "compile_s": trainer.setup.compile_seconds if compiling else None}
     out["peak_mem_gb"] = peak_memory_gb(dev)
     out["peak_mem_what"] = ("torch.cuda.max_memory_allocated during the timed steps" if dev.type == "cuda"
                             else "process peak RSS (ru_maxrss), all stages so far")
@@ -75,6 +87,15 @@ def measure_train(trainer: Trainer, batch_size: int, seconds: float, flops: floa
         out["tflops"] = flops * out["pairs_per_s"] / 1e12
         out["mfu"], out["mfu_peak"] = mfu(flops * out["pairs_per_s"], dev)
     return out
+
+
+def profile_train(trainer: Trainer, batch_size: int, trace_path=None) -> dict:
+    """tcsmae.bench.probe.profile_steps on a synthetic batch, after one warm-up step."""
+    batch = trainer.batch(batch_size)
+    train_step(trainer.setup, batch, trainer.ctx)
+    trainer.sync()
+    return {"batch_size": batch_size,
+            **profile_steps(trainer.setup, batch, trainer.ctx, trace_path=trace_path)}
 
 
 def batch_sweep(trainer: Trainer, sizes: tuple[int, ...], seconds: float, flops: float | None, say) -> dict:
@@ -112,6 +133,7 @@ def measure_end_to_end(trainer: Trainer, store_path, pcfg, batch_size: int, work
     py_workers = max(1, workers // 2)
     loader = make_loader(store_path, pcfg, batch_size, device=dev.type, num_threads=workers,
                          py_workers=py_workers, device_id=dev.index if dev.type == "cuda" else None)
+    loader.set_network_inputs(trainer.setup.input_dtype, trainer.setup.channels_last)
     state = {"it": iter(loader), "opens_epoch": True}
 
     def next_batch():

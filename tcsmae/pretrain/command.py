@@ -10,7 +10,9 @@ checkpoint's own configuration replaces the preset, and only the file and flags 
 change it (the input size and encoder cannot: the layer sizes depend on them).
 
 Multi-GPU / multi-node: `torchrun --nproc-per-node G -m tcsmae pretrain ...`; `--batch-size`
-is per rank, the global batch and the learning rate used are logged (the lr is not scaled).
+is per rank; the global batch and the lr used (`--lr-scale`: none, the paper's lr at any
+batch; linear or sqrt in the global batch / 30) are printed at the start. On CUDA the
+training step is compiled unless --no-compile (or a config file) says otherwise.
 
 Writes DIR/config.json, DIR/metrics.jsonl, DIR/checkpoints/last.pt, DIR/tensorboard/.
 """
@@ -27,13 +29,16 @@ from tcsmae.errors import UserError
 from tcsmae.phantom.store import default_store
 from tcsmae.pretrain.batches import StoreBatches
 from tcsmae.pretrain.config import (
+    OBJECTIVES,
     TrainConfig,
     apply_overrides,
     config_from_dict,
     load_config_file,
+    objective_overrides,
     preset,
 )
 from tcsmae.pretrain.engine import pretrain
+from tcsmae.pretrain.model import describe_mep_heads
 from tcsmae.settings import add_flags, flag_overrides
 from tcsmae.stopping import TrainingStopped
 
@@ -54,8 +59,14 @@ def add_arguments(parser) -> None:
       help="authors = the public code's loss: cosine-embedding x1000 on max-pooled heads of F3..F5, SSIM window 15")
     a("--config", metavar="FILE", help="JSON file of config overrides, nested like DIR/config.json")
     a("--resume", metavar="CKPT", help="continue from a checkpoint (e.g. DIR/checkpoints/last.pt)")
+    a("--objective", choices=OBJECTIVES, default=None,
+      help="a named pretraining objective of the paper's tables: ae (no masking), mae (patch masking, masked "
+      "branch only), patch-unmask, tcs-mae (the default); flags after it still apply (docs/method.md)")
     add_flags(parser, TrainConfig)
 
+
+DEVICE_DEFAULTS = {"cuda": {"compile": True}}
+"""Settings whose default depends on the device (before --variant, --config and flags)."""
 
 VARIANTS = {
     "paper": {},
@@ -64,12 +75,18 @@ VARIANTS = {
 }
 
 
-def build_config(args, stored: dict | None = None):
-    """TrainConfig from preset/stored config, variant, --config file and flags (in that order)."""
+def build_config(args, stored: dict | None = None, device_defaults: dict | None = None):
+    """TrainConfig from preset/stored config, device defaults, variant, --config file and flags
+    (in that order). device_defaults: overrides of the device (e.g. {"compile": True} on CUDA),
+    applied to a preset only, not to a stored config."""
 
     cfg = config_from_dict(stored) if stored is not None else preset(args.preset or "paper")
+    if device_defaults and stored is None:
+        cfg = apply_overrides(cfg, device_defaults, where="device defaults")
     if args.variant:
         cfg = apply_overrides(cfg, VARIANTS[args.variant], where=f"--variant {args.variant}")
+    if getattr(args, "objective", None):
+        cfg = apply_overrides(cfg, objective_overrides(args.objective), where=f"--objective {args.objective}")
     if args.config:
         cfg = load_config_file(args.config, cfg)
     return apply_overrides(cfg, flag_overrides(args, TrainConfig), where="command-line flags")
@@ -92,6 +109,8 @@ def run(args) -> int:
         check_resume_compatible(ckpt, args.resume, cfg.input_size, cfg.model.encoder)
     out = resume_out_dir(args.out, args.resume)
     ctx = init_distributed(cfg.device)
+    if ctx.device.type == "cuda" and ckpt is None:  # the compiled step is the CUDA default
+        cfg = build_config(args, device_defaults=DEVICE_DEFAULTS["cuda"])
     say = print if ctx.is_main else (lambda *a, **k: None)
     try:
         if args.data:
@@ -151,12 +170,18 @@ def start_summary(cfg, ctx, store: Path, batches_per_epoch: int, asked_steps: in
     """The run's settings in one paragraph, with notes on settings that surprise
     (`asked_steps`: --steps-per-epoch as given on the command line, None when not given)."""
     n = cfg.steps_per_epoch
+    global_batch = cfg.batch_size * ctx.world_size
+    lr = cfg.effective_lr(ctx.world_size)
+    scaled = (f"--lr {cfg.lr} at batch {cfg.REFERENCE_BATCH}, {cfg.lr_scale} in the global batch"
+              if cfg.lr_scale != "none" else "not scaled with the batch")
     text = (f"pretraining {cfg.model.encoder} at {cfg.input_size}x{cfg.input_size} on {store}: "
-            f"{ctx.world_size} rank(s) on {ctx.device}, global batch {cfg.batch_size * ctx.world_size} "
-            f"({cfg.batch_size} per rank), lr {cfg.lr} (gamma {cfg.lr_gamma}/epoch), masking "
+            f"{ctx.world_size} rank(s) on {ctx.device}, global batch {global_batch} "
+            f"({cfg.batch_size} per rank), effective lr {lr:.4g} ({scaled}; gamma {cfg.lr_gamma}/epoch), "
+            f"{'compiled' if cfg.compile else 'eager'} step, masking "
             f"{cfg.pipeline.masking}, MEP levels {['F%d' % v for v in cfg.model.mep_levels] or 'none'}, "
             f"{cfg.epochs} epoch(s) of {min(n, batches_per_epoch) if n else batches_per_epoch} step(s); "
             f"the store gives {batches_per_epoch} batch(es) per epoch per rank")
+    text += "\n" + describe_mep_heads(cfg.model, cfg.input_size)
     if asked_steps is not None and asked_steps > batches_per_epoch:
         text += f"\nnote: --steps-per-epoch {asked_steps} is more than that: an epoch stops after {batches_per_epoch}"
     if ctx.device.type == "cpu" and (cfg.input_size >= 256 or cfg.model.encoder != "mit_b0"):

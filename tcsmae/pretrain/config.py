@@ -26,6 +26,33 @@ from tcsmae.settings import apply_settings, flag
 
 PRESETS = ("paper", "demo")
 MEP_LEVEL_CHOICES = ((), (5,), (4, 5), (3, 4, 5))  # Table V: Scales 0, 1, 2, 3
+MEP_HEADS = ("flatten", "pool")  # --mep-head choices; 'pool' is stored as "maxpool"
+PAPER_MEP_LEVELS = (4, 5)  # 'Scales 2', the paper's contrastive levels
+
+# objective -> (pipeline.masking, model.branches, its MEP levels); the paper's names in docs/method.md
+OBJECTIVE_SETTINGS = {
+    "ae": ("none", "masked", ()),  # AE of Table II: plain reconstruction, no masking
+    "mae": ("patch", "masked", ()),  # MAE of Table II: patch masking, masked branch only
+    "patch-unmask": ("patch", "both", PAPER_MEP_LEVELS),  # 'Patch+Unmask' of Table IV
+    "tcs-mae": ("tissue", "both", PAPER_MEP_LEVELS),  # 'Tissue+Unmask' of Table IV = TCS-MAE
+}
+OBJECTIVES = tuple(OBJECTIVE_SETTINGS)
+
+
+def objective_overrides(name: str, contrastive: bool | None = None) -> dict:
+    """Nested TrainConfig overrides of a named pretraining objective (for `apply_overrides`).
+
+    name: one of OBJECTIVES. contrastive: None = the objective's own MEP levels (none for
+    ae and mae, F4 F5 otherwise); True = F4 F5 ('Scales 2'); False = no contrastive term.
+    objective_overrides("mae", contrastive=True) is MAE with the contrastive term (the
+    original view is encoded for it, not reconstructed).
+    """
+    if name not in OBJECTIVE_SETTINGS:
+        raise UserError(f"objective {name!r} is unknown: choose one of {list(OBJECTIVES)}")
+    masking, branches, levels = OBJECTIVE_SETTINGS[name]
+    if contrastive is not None:
+        levels = PAPER_MEP_LEVELS if contrastive else ()
+    return {"pipeline": {"masking": masking}, "model": {"branches": branches, "mep_levels": list(levels)}}
 
 
 def parse_mep_levels(tokens: list[str]) -> tuple[int, ...]:
@@ -53,11 +80,19 @@ class ModelConfig:
     """Encoder levels F1..F5 with a projection head (Table V): none = no contrastive term
     ('Scales 0'), F5 'Scales 1', F4 F5 'Scales 2' (paper default), F3 F4 F5 'Scales 3'.
     F1..F5 are the last five of smp's six encoder feature maps."""
-    projection: Literal["flatten", "maxpool"] = "flatten"
-    """'flatten' = flatten + one Linear (Eq. 16, the paper); 'maxpool' = global max-pool +
-    one Linear (the authors' public code, used by the 'authors' variant)."""
+    projection: str = field(default="flatten", metadata=flag("--mep-head", choices=MEP_HEADS))
+    """MEP head of each level: 'flatten' = flatten + one Linear (Eq. 16, the paper; its size grows
+    with the input: 14.7 M parameters for F4 F5 of mit_b2 at 256 px); 'pool' = global max-pool +
+    one Linear (the authors' public code, the 'authors' variant). Stored as "flatten" or "maxpool"."""
     projection_dim: int = 128
     """D, the size of each projected embedding."""
+    branches: Literal["both", "masked"] = field(default="both", metadata=flag("--branches"))
+    """Reconstructed views: 'both' = the masked and the original view (the semi-masked dual AE
+    of TCS-MAE, 'X+Unmask'); 'masked' = the masked view only (MAE, AE): the original view
+    then passes the encoder only when MEP levels ask for the contrastive term."""
+    branch_forward: Literal["joint", "separate"] = field(default="joint", metadata=flag("--branch-forward"))
+    """'joint' = one forward of the concatenated batch [masked; original] (BatchNorm statistics
+    over both views); 'separate' = one forward per view (BatchNorm statistics per view)."""
 
     def __post_init__(self):
         object.__setattr__(self, "mep_levels", tuple(int(v) for v in self.mep_levels))
@@ -67,8 +102,15 @@ class ModelConfig:
                 f"model.mep_levels={list(levels)} is not valid: use increasing distinct levels "
                 f"from 1..5, e.g. one of {[list(c) for c in MEP_LEVEL_CHOICES]}"
             )
+        if self.projection == "pool":
+            object.__setattr__(self, "projection", "maxpool")
         if self.projection not in ("flatten", "maxpool"):
-            raise UserError(f"model.projection={self.projection!r}: use 'flatten' or 'maxpool'")
+            raise UserError(f"model.projection={self.projection!r} (--mep-head): use 'flatten' or 'pool'")
+        if self.branches not in ("both", "masked"):
+            raise UserError(f"model.branches={self.branches!r} (--branches): use 'both' or 'masked'")
+        if self.branch_forward not in ("joint", "separate"):
+            raise UserError(f"model.branch_forward={self.branch_forward!r} (--branch-forward): use 'joint' "
+                            "or 'separate'")
         if self.projection_dim < 1:
             raise UserError(f"model.projection_dim={self.projection_dim}: must be >= 1")
         if not self.encoder:
@@ -132,7 +174,12 @@ class TrainConfig:
     batch_size: int = field(default=30, metadata=flag("--batch-size", metavar="N"))
     """Slices per rank per step (the paper: 30 on one GPU)."""
     lr: float = field(default=1e-4, metadata=flag("--lr", metavar="LR"))
-    """Adam learning rate (the paper: 1e-4; not scaled with the world size automatically)."""
+    """Adam learning rate at the paper's batch of 30 (the paper: 1e-4); --lr-scale decides how
+    it follows a larger global batch."""
+    lr_scale: Literal["none", "linear", "sqrt"] = field(default="none", metadata=flag("--lr-scale"))
+    """How the lr follows the global batch B = batch size x ranks: 'none' = --lr at any batch
+    (the paper's setting), 'linear' = lr x B/30, 'sqrt' = lr x sqrt(B/30); 30 is the paper's
+    batch (one GPU)."""
     lr_gamma: float = 0.96
     """ExponentialLR factor applied once per epoch."""
     seed: int = field(default=0, metadata=flag("--seed", metavar="N"))
@@ -146,12 +193,17 @@ class TrainConfig:
     channels_last: bool = True
     """Use channels_last memory format for the network (faster convolutions on GPU)."""
     compile: bool = field(default=False, metadata=flag("--compile"))
-    """torch.compile the network (GPU: +45-55 % pairs/s measured on an H100; compiling takes
-    ~1 min)."""
+    """torch.compile the whole step (forward, fp32 losses, backward; CUDA graphs on one GPU).
+    `tcsmae pretrain` turns it on for CUDA unless --no-compile or a config file says otherwise;
+    the first step compiles (minutes; kernels cached in $TORCHINDUCTOR_CACHE_DIR, default
+    ~/.cache/tcsmae/inductor). `tcsmae bench --compile` measures the gain; on a 2-core CPU
+    compiling took ~3 min for a step no faster than the eager one."""
     checkpoint_every: int = field(default=1000, metadata=flag("--checkpoint-every", metavar="N"))
     """Write checkpoints/last.pt every N global steps (0 = only at epoch ends)."""
     log_every: int = field(default=1, metadata=flag("--log-every", metavar="N"))
-    """Write a metrics.jsonl line every N steps."""
+    """Write a metrics.jsonl line every N steps (and one for each skipped step). The losses
+    are read back from the GPU only then, at checkpoints and at epoch ends: N > 1 leaves the
+    steps between without a host sync."""
     image_every: int = 500
     """Write TensorBoard reconstruction images every N steps (0 = never)."""
     max_nonfinite: int = 10
@@ -174,6 +226,8 @@ class TrainConfig:
             raise UserError(f"device={self.device!r}: use auto, cpu or cuda")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise UserError(f"precision={self.precision!r}: use auto, bf16, fp16 or fp32")
+        if self.lr_scale not in ("none", "linear", "sqrt"):
+            raise UserError(f"lr_scale={self.lr_scale!r}: use none, linear or sqrt")
         if self.input_size < 32 or self.input_size % 32:
             raise UserError(
                 f"pipeline size={self.input_size}: pretraining needs a fixed square size that is a "
@@ -185,17 +239,26 @@ class TrainConfig:
         """Training image side in pixels (the pipeline's output size)."""
         return int(self.pipeline.size)
 
+    REFERENCE_BATCH = 30  # the paper's global batch, to which `lr` belongs
+
+    def effective_lr(self, world_size: int) -> float:
+        """The Adam lr used for a global batch of batch_size x world_size (see lr_scale)."""
+        ratio = self.batch_size * world_size / self.REFERENCE_BATCH
+        return self.lr * {"none": 1.0, "linear": ratio, "sqrt": ratio ** 0.5}[self.lr_scale]
+
 
 def preset(name: str) -> TrainConfig:
     """The named preset: 'paper' (mit_b2, 256x256, batch 30, Adam 1e-4, gamma 0.96, 60 epochs)
-    or 'demo' (mit_b0, 128x128, batch 8, 2 x 100 steps: a few minutes on a CPU)."""
+    or 'demo' (mit_b0, 128x128, batch 8, 3 x up to 100 steps at lr 3e-3: a few minutes on a
+    CPU, enough for reconstructions that show the phantom's anatomy; the paper's 1e-4 learns
+    too little in so few steps)."""
     if name == "paper":
         return TrainConfig(pipeline=replace(PipelineConfig(), size=256))
     if name == "demo":
         return TrainConfig(
             model=ModelConfig(encoder="mit_b0"),
             pipeline=replace(PipelineConfig(), size=128),
-            epochs=2, steps_per_epoch=100, batch_size=8, checkpoint_every=100, image_every=50,
+            epochs=3, steps_per_epoch=100, batch_size=8, lr=3e-3, checkpoint_every=100, image_every=50,
         )
     raise UserError(f"preset {name!r} is unknown: choose one of {list(PRESETS)}")
 
@@ -235,4 +298,5 @@ def config_from_dict(d: dict) -> TrainConfig:
 __all__ = [
     "ModelConfig", "LossConfig", "TrainConfig", "PipelineConfig", "preset", "to_plain",
     "apply_overrides", "load_config_file", "config_from_dict", "parse_mep_levels", "PRESETS",
+    "OBJECTIVES", "objective_overrides",
 ]

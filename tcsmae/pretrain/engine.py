@@ -1,25 +1,19 @@
-"""The pretraining loop: one step, one epoch, a whole run, and a throughput probe.
+"""The pretraining loop: epochs of steps, checkpoints, metrics.jsonl.
 
-    setup = build_training(cfg, ctx)                 # model (DDP/compile), Adam, ExponentialLR
-    summary = pretrain(cfg, batches, out_dir, ctx)   # epochs, checkpoints, metrics.jsonl
-    measure_train_step(cfg, device, batch_size, seconds) -> {pairs_per_s, peak_mem_gb, mfu, ...}
+    setup = build_training(cfg, ctx)                 # model (DDP), the step's graph, fused Adam
+    pos = pretrain(cfg, batches, out_dir, ctx)       # epochs, checkpoints, metrics.jsonl
 
-`batches` is a BatchSource: `batches(epoch, start_step)` returns an iterable of dicts with
-`original`, `masked` (N, 3, S, S) float in 0..1, `case_index`, `z` (N,) int64, starting at
-batch `start_step` of `epoch` (the data position a checkpoint stores), and
-`batches.steps_per_epoch` is the full epoch's batch count per rank. The pipelines' DALI
-loader is wrapped into one in tcsmae.pretrain; `SyntheticBatches` is an in-memory one for
-tests and benchmarks, deterministic in (seed, epoch, step).
-
-The network runs under bf16 autocast on the GPU (fp32 on the CPU), channels_last; the
-losses are always fp32 (see losses.py). A non-finite loss skips the optimiser step on
-every rank, logs the batch's slices (case_index, z), and the run aborts after
-`cfg.max_nonfinite` such steps in a row.
+`batches` is a BatchSource (tcsmae.pretrain.batches): `batches(epoch, start_step)` yields
+dicts with `original`, `masked` (N, 3, S, S) in 0..1, `case_index`, `z` (N,) int64 from batch
+`start_step` of `epoch` on. Steps run without a host sync: the loss values are read every
+`cfg.log_every` steps, at checkpoints and at an epoch's end, one read for all steps since
+the last (non-finite steps are logged then, with their slices, and counted for the abort).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +30,7 @@ from tcsmae.plain import to_plain
 from tcsmae.pretrain.batches import BatchSource
 from tcsmae.pretrain.config import TrainConfig
 from tcsmae.pretrain.metrics_log import MetricsLog
-from tcsmae.pretrain.step import TrainingSetup, build_training, train_step
+from tcsmae.pretrain.step import StepResult, TrainingSetup, build_training, read_steps, train_step
 from tcsmae.stopping import GracefulStop, TrainingStopped
 
 
@@ -49,6 +43,18 @@ class Position:
     step: int = 0
     nonfinite_in_a_row: int = 0
     history: list = field(default_factory=list)  # per-step loss values (for callers/tests)
+
+
+@dataclass
+class _Unread:
+    """A step whose values the host has not read yet."""
+
+    step: int
+    epoch: int
+    result: StepResult
+    case_index: torch.Tensor  # (N,) int64, the batch's slices, for the line of a skipped step
+    z: torch.Tensor
+    queued_at: float  # time.perf_counter() when the step was queued
 
 
 def checkpoint_payload(setup: TrainingSetup, cfg: TrainConfig, pos: Position, ctx: DistContext,
@@ -122,8 +128,15 @@ def train_one_epoch(setup: TrainingSetup, batches: Iterable[dict], n_steps: int,
                     on_checkpoint: Callable[[Position], None], stop: GracefulStop | None = None) -> None:
     """Train on `batches` (the rest of epoch pos.epoch) until the epoch has n_steps steps.
 
-    When `stop` was signalled, saves a checkpoint after the current step and raises
-    TrainingStopped (at the epoch's last step the caller's end-of-epoch save does it)."""
+    The host reads the steps' values (one sync for all unread steps) every cfg.log_every
+    steps, before a checkpoint and at the epoch's last step; metrics.jsonl gets a line for
+    every logged step and every skipped (non-finite) step, in step order, and the
+    consecutive-non-finite abort is checked then. When `stop` was signalled, saves a
+    checkpoint after the step and raises TrainingStopped (at the epoch's last step the
+    caller's end-of-epoch save does it): one process stops after the step that was running
+    when the signal came; under DDP the signal travels in the step's all-reduce and the ranks act on it
+    at the next read (every step with --log-every 1), so all stop after the same step.
+    """
     from tqdm.auto import tqdm
 
     global_batch = cfg.batch_size * ctx.world_size
@@ -131,6 +144,47 @@ def train_one_epoch(setup: TrainingSetup, batches: Iterable[dict], n_steps: int,
     bar = tqdm(total=n_steps, initial=pos.step_in_epoch, desc=f"epoch {pos.epoch + 1}/{cfg.epochs}",
                disable=not ctx.is_main, unit="step", dynamic_ncols=True)
     tick, pairs_since = time.perf_counter(), 0
+    unread: list[_Unread] = []
+
+    def read_back() -> int | None:
+        """Read and log the unread steps; the stop signal any of them carries (None: none)."""
+        nonlocal tick, pairs_since
+        rows = read_steps([u.result for u in unread])
+        read_at = time.perf_counter()
+        agreed = None
+        for i, (u, row) in enumerate(zip(unread, rows)):
+            pairs_since += global_batch
+            slices = None
+            if row.finite:
+                pos.nonfinite_in_a_row = 0
+            else:
+                pos.nonfinite_in_a_row += 1
+                slices = list(zip(u.case_index.tolist(), u.z.tolist()))
+                if ctx.is_main:
+                    tqdm.write(f"step {u.step}: non-finite loss {row.values['loss']}, step skipped; "
+                               f"slices (case_index, z) on rank 0: {slices}")
+            pos.history.append(row.values)
+            if u.step % cfg.log_every == 0 or not row.finite:
+                now = read_at if i == len(unread) - 1 else u.queued_at
+                pairs_per_s = pairs_since / max(now - tick, 1e-9)
+                tick, pairs_since = now, 0
+                record = {"step": u.step, "epoch": u.epoch, **row.values, "lr": lr,
+                          "pairs_per_s": pairs_per_s, "skipped": not row.finite}
+                if not row.finite:
+                    record["slices"] = slices
+                log.write(record)
+                bar.set_postfix(loss=f"{row.values['loss']:.4f}", l_ssim=f"{row.values['loss_ssim']:.4f}",
+                                l_con=f"{row.values['loss_con']:.3f}",
+                                T=f"{row.values['temperature'] or 0:.4f}", pairs_s=f"{pairs_per_s:.1f}")
+            if pos.nonfinite_in_a_row >= cfg.max_nonfinite:
+                unread.clear()
+                raise UserError(f"{pos.nonfinite_in_a_row} non-finite losses in a row (last at step "
+                                f"{u.step}): training diverged; lower --lr or check the data, then --resume "
+                                "the last checkpoint")
+            agreed = agreed or row.stop_signum
+        unread.clear()
+        return agreed
+
     it = iter(batches)
     while pos.step_in_epoch < n_steps:
         batch = next(it, None)
@@ -138,42 +192,30 @@ def train_one_epoch(setup: TrainingSetup, batches: Iterable[dict], n_steps: int,
             raise UserError(f"the data ran out after {pos.step_in_epoch} of {n_steps} batches in epoch "
                             f"{pos.epoch}: lower --steps-per-epoch or check the store")
         want_images = cfg.image_every > 0 and (pos.step + 1) % cfg.image_every == 0 and ctx.is_main
+        compiling = setup.compiled and setup.compile_seconds is None
         result = train_step(setup, batch, ctx, keep_output=want_images,
                             stop_signum=(stop.signum or 0) if stop is not None else 0)
+        if compiling and ctx.is_main and setup.compile_seconds is not None:
+            cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "the inductor cache")
+            tqdm.write(f"compiled the training step in {setup.compile_seconds:.0f} s (the first step; "
+                       f"kernels cached in {cache})")
         pos.step += 1
         pos.step_in_epoch += 1
-        pairs_since += global_batch
-        slices = None
-        if result.finite:
-            pos.nonfinite_in_a_row = 0
-        else:
-            pos.nonfinite_in_a_row += 1
-            slices = list(zip(batch["case_index"].tolist(), batch["z"].tolist()))
-            if ctx.is_main:
-                tqdm.write(f"step {pos.step}: non-finite loss {result.values['loss']}, step skipped; "
-                           f"slices (case_index, z) on rank 0: {slices}")
-        pos.history.append(result.values)
-        if pos.step % cfg.log_every == 0 or not result.finite:
-            now = time.perf_counter()
-            pairs_per_s = pairs_since / max(now - tick, 1e-9)
-            tick, pairs_since = now, 0
-            record = {"step": pos.step, "epoch": pos.epoch, **result.values, "lr": lr,
-                      "pairs_per_s": pairs_per_s, "skipped": not result.finite}
-            if not result.finite:
-                record["slices"] = slices
-            log.write(record)
-            bar.set_postfix(loss=f"{result.values['loss']:.4f}", l_ssim=f"{result.values['loss_ssim']:.4f}",
-                            l_con=f"{result.values['loss_con']:.3f}",
-                            T=f"{result.values['temperature'] or 0:.4f}", pairs_s=f"{pairs_per_s:.1f}")
-        if pos.nonfinite_in_a_row >= cfg.max_nonfinite:
-            raise UserError(f"{pos.nonfinite_in_a_row} non-finite losses in a row (last at step {pos.step}): "
-                            "training diverged; lower --lr or check the data, then --resume the last checkpoint")
+        unread.append(_Unread(pos.step, pos.epoch, result, batch["case_index"], batch["z"],
+                              time.perf_counter()))
+        last = pos.step_in_epoch >= n_steps
+        save_now = not last and bool(cfg.checkpoint_every) and pos.step % cfg.checkpoint_every == 0
+        signum = None
+        # one process: a signal that came during this step stops after it (no rank to agree with)
+        late_stop = (stop.signum or None) if stop is not None and not ctx.distributed else None
+        if last or save_now or pos.step % cfg.log_every == 0 or late_stop:
+            signum = read_back() or late_stop
         if want_images:
             log.images(pos.step, result.output)
+        result.output = None
         bar.update(1)
-        if pos.step_in_epoch < n_steps:
-            signum = result.stop_signum
-            if signum or (cfg.checkpoint_every and pos.step % cfg.checkpoint_every == 0):
+        if not last:
+            if signum or save_now:
                 on_checkpoint(pos)
             if signum:
                 bar.close()

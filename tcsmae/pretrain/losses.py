@@ -4,6 +4,7 @@ Pure functions do the arithmetic; the thin modules only hold options (smp's styl
 
     ssim_loss(recon, target, ...)             mean_n (1 - SSIM(recon_n, target_n))
     reconstruction_loss(r_m, r_o, original)   Eq. 14: both branches against the ORIGINAL
+                                              (r_o None: the masked branch alone, MAE/AE)
     nt_xent(z_m, z_o, temperature)            Eq. 17 read as SimCLR's symmetric NT-Xent
     global_nt_xent(z_m, z_o, temperature)     the same with negatives from every DDP rank
     cosine_embedding_variant(p_m, p_o)        the authors' public code (x 1000), a named option
@@ -57,16 +58,18 @@ def ssim_loss(recon: Tensor, target: Tensor, **ssim_options) -> Tensor:
 
 
 def reconstruction_loss(
-    recon_masked: Tensor, recon_original: Tensor, original: Tensor, **ssim_options
+    recon_masked: Tensor, recon_original: Tensor | None, original: Tensor, **ssim_options
 ) -> Tensor:
     """Eq. 14: mean_n [(1 - SSIM(R_m, I_o)) + (1 - SSIM(R_o, I_o))].
 
     Both reconstructions are compared with the original image I_o (never the masked one).
-    All three: (N, 3, H, W) float in 0..1. Scalar float32.
+    All three: (N, 3, H, W) float in 0..1. recon_original None (objectives without the
+    unmasked branch: MAE, AE): mean_n (1 - SSIM(R_m, I_o)) alone. Scalar float32.
     """
-    return ssim_loss(recon_masked, original, **ssim_options) + ssim_loss(
-        recon_original, original, **ssim_options
-    )
+    loss = ssim_loss(recon_masked, original, **ssim_options)
+    if recon_original is not None:
+        loss = loss + ssim_loss(recon_original, original, **ssim_options)
+    return loss
 
 
 def nt_xent(
@@ -180,7 +183,7 @@ class LossTerms:
 
 def pretraining_loss(
     recon_masked: Tensor,
-    recon_original: Tensor,
+    recon_original: Tensor | None,
     original: Tensor,
     proj_masked: list[Tensor],
     proj_original: list[Tensor],
@@ -189,7 +192,8 @@ def pretraining_loss(
 ) -> LossTerms:
     """Eq. 18: L = L_ssim + lambda * L_con, L_con summed over the chosen encoder levels.
 
-    recon_*: (N, 3, H, W) reconstructions in 0..1; original: (N, 3, H, W) in 0..1.
+    recon_*: (N, 3, H, W) reconstructions in 0..1 (recon_original None: masked branch only);
+    original: (N, 3, H, W) in 0..1.
     proj_*: one (N, D) projection per MEP level (empty list = 'Scales 0', no L_con).
     temperature: scalar tensor (NT-Xent) or None (cosine variant / no levels).
     """

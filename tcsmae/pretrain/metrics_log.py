@@ -1,4 +1,9 @@
-"""TODO docstring."""
+"""metrics.jsonl and TensorBoard of a pretraining run (rank 0 writes; the others hold a disabled log).
+
+One JSON line per logged step: step, epoch, loss, loss_ssim, loss_con, temperature, lr,
+pairs_per_s, skipped (and slices, the (case_index, z) of a skipped batch); non-finite
+values are written as null. A resumed run drops the lines after its checkpoint's step.
+"""
 
 from __future__ import annotations
 
@@ -50,12 +55,13 @@ class MetricsLog:
 
     def images(self, step: int, kept) -> None:
         """TensorBoard grid: rows = masked input, original, recon of masked, recon of original
-        (first 4 slices; channels lung, mediastinal, edge shown as R, G, B)."""
+        (first 4 slices; channels lung, mediastinal, edge shown as R, G, B; a missing one,
+        None, is left out)."""
         if not self.enabled or self.tb is None or kept is None:
             return
         from torchvision.utils import make_grid
 
-        rows = [t[:4].float().clamp(0, 1).cpu() for t in kept]
+        rows = [t[:4].float().clamp(0, 1).cpu() for t in kept if t is not None]
         grid = make_grid(torch.cat(rows), nrow=rows[0].shape[0])
         self.tb.add_image("pretrain/reconstructions", grid, step)
 

@@ -5,10 +5,12 @@ Forward is split into named stages (MAE's style):
     features = model.forward_encoder(images)       # smp encoder: 6 maps, F1..F5 = [1:]
     recon = model.forward_decoder(features)        # U-Net decoder + head, sigmoid in fp32
     embeddings = model.forward_projection(features)  # one (B, D) per MEP level (Eq. 16)
-    out = model(masked, original)                  # all three on the concatenated batch
+    out = model(masked, original)                  # the objective's branches, see `forward`
 
-The masked and the original batch go through the network together, as one batch of 2N
-(one set of weights, one forward; note that BatchNorm in the decoder then sees both views).
+One set of weights serves both views. `model.branch_forward` 'joint' runs them as one batch
+of 2N (BatchNorm statistics over both views), 'separate' as two batches of N (per view);
+`model.branches` 'masked' (MAE, AE) reconstructs the masked view only, and without MEP
+levels the original view never enters the network.
 For mit_b2 at 256x256 the MiT encoder maps are 64@64x64 (F2), 128@32x32 (F3), 320@16x16
 (F4) and 512@8x8 (F5); F1 is smp's empty 0-channel map. Because MEP flattens, the Linear
 sizes depend on the input size: a model is built for one `input_size`.
@@ -48,17 +50,60 @@ def build_unet(encoder: str, encoder_weights: str | None = None) -> smp.Unet:
     )
 
 
+def mep_input_features(cfg: ModelConfig, input_size: int, channels: list[int] | None = None) -> list[int]:
+    """Input features of each MEP head: C * (S / 2^l)^2 ('flatten') or C ('maxpool').
+
+    channels: the encoder's out_channels [in, F1..F5] (default: smp's registry entry of
+    cfg.encoder, so nothing is built). UserError for a level with 0 channels (MiT's F1).
+    """
+    if channels is None:
+        if cfg.encoder not in smp.encoders.encoders:
+            raise UserError(f"encoder {cfg.encoder!r} is not an smp encoder; supported encoders: "
+                            f"{smp.encoders.get_encoder_names()}")
+        channels = smp.encoders.encoders[cfg.encoder]["params"]["out_channels"]
+    sizes = []
+    for level in cfg.mep_levels:
+        c = channels[level]
+        if c == 0:
+            raise UserError(
+                f"MEP level F{level} of encoder {cfg.encoder!r} has 0 channels (smp's MiT has "
+                "an empty F1): choose levels from F2..F5, e.g. model.mep_levels [4, 5]"
+            )
+        side = input_size // 2**level
+        sizes.append(c * side * side if cfg.projection == "flatten" else c)
+    return sizes
+
+
+def mep_head_parameters(cfg: ModelConfig, input_size: int) -> int:
+    """Parameters of the MEP heads of `cfg` at `input_size` px, without building the model
+    (flatten heads of F4 F5 for mit_b2 at 256 px: 14,680,320)."""
+    return sum((f + 1) * cfg.projection_dim for f in mep_input_features(cfg, input_size))
+
+
+def describe_mep_heads(cfg: ModelConfig, input_size: int) -> str:
+    """One line for the start of a run, e.g. "MEP heads: flatten of F4 F5 -> 128, 14,680,320
+    parameters" (or "MEP heads: none (no contrastive term)")."""
+    if not cfg.mep_levels:
+        return "MEP heads: none (no contrastive term)"
+    head = "flatten" if cfg.projection == "flatten" else "max-pool"
+    levels = " ".join(f"F{v}" for v in cfg.mep_levels)
+    return (f"MEP heads: {head} of {levels} -> {cfg.projection_dim}, "
+            f"{mep_head_parameters(cfg, input_size):,} parameters")
+
+
 @dataclass
 class PretrainOutput:
     """What one forward of both branches returns (N slices per branch).
 
-    recon_masked, recon_original: (N, 3, H, W) float32 in 0..1 (sigmoid).
+    recon_masked: (N, 3, H, W) float32 in 0..1 (sigmoid).
+    recon_original: the same for the original view, or None when the objective reconstructs
+        the masked view only (model.branches 'masked': MAE, AE).
     proj_masked, proj_original: one (N, D) tensor per MEP level, network dtype.
     temperature: float32 scalar tensor (NT-Xent), or None when there is no learnable one.
     """
 
     recon_masked: Tensor
-    recon_original: Tensor
+    recon_original: Tensor | None
     proj_masked: list[Tensor]
     proj_original: list[Tensor]
     temperature: Tensor | None
@@ -77,19 +122,8 @@ class TCSMAE(nn.Module):
         self.cfg = cfg
         self.input_size = int(input_size)
         self.unet = build_unet(cfg.encoder, cfg.encoder_weights)
-        channels = self.unet.encoder.out_channels  # [in, F1, F2, F3, F4, F5]
-        heads = []
-        for level in cfg.mep_levels:
-            c = channels[level]
-            if c == 0:
-                raise UserError(
-                    f"MEP level F{level} of encoder {cfg.encoder!r} has 0 channels (smp's MiT has "
-                    "an empty F1): choose levels from F2..F5, e.g. model.mep_levels [4, 5]"
-                )
-            side = self.input_size // 2**level
-            in_features = c * side * side if cfg.projection == "flatten" else c
-            heads.append(nn.Linear(in_features, cfg.projection_dim))
-        self.projections = nn.ModuleList(heads)
+        sizes = mep_input_features(cfg, self.input_size, self.unet.encoder.out_channels)
+        self.projections = nn.ModuleList(nn.Linear(f, cfg.projection_dim) for f in sizes)
         self.temperature = None
         if cfg.mep_levels and loss_cfg.contrastive == "ntxent":
             self.temperature = LearnableTemperature(loss_cfg.temperature_init, loss_cfg.temperature_floor)
@@ -98,6 +132,10 @@ class TCSMAE(nn.Module):
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> "TCSMAE":
         return cls(cfg.model, cfg.input_size, cfg.loss)
+
+    def mep_parameter_count(self) -> int:
+        """Parameters of the MEP projection heads (all levels; weights and biases)."""
+        return sum(p.numel() for p in self.projections.parameters())
 
     def mep_shapes(self) -> list[tuple[int, int, int]]:
         """(C, H, W) of each chosen encoder level at the model's input size."""
@@ -129,18 +167,34 @@ class TCSMAE(nn.Module):
         return out
 
     def forward(self, masked: Tensor, original: Tensor) -> PretrainOutput:
-        """masked, original: (N, 3, S, S) in 0..1 (masked pixels exactly 0). One forward of 2N."""
+        """masked, original: (N, 3, S, S) in 0..1 (masked pixels exactly 0).
+
+        The original view enters the network when it is reconstructed (branches 'both') or
+        when the contrastive term needs its embeddings (MEP levels); otherwise (MAE, AE
+        without the contrastive term) only the masked view is computed. Both views: one
+        forward of 2N ('joint') or two of N ('separate').
+        """
         n = masked.shape[0]
-        features = self.forward_encoder(torch.cat([masked, original]))  # each (2N, C, h, w)
-        recon = self.forward_decoder(features)  # (2N, 3, S, S)
-        embeddings = self.forward_projection(features)  # each (2N, D)
-        return PretrainOutput(
-            recon_masked=recon[:n],
-            recon_original=recon[n:],
-            proj_masked=[e[:n] for e in embeddings],
-            proj_original=[e[n:] for e in embeddings],
-            temperature=self.temperature() if self.temperature is not None else None,
-        )
+        both = self.cfg.branches == "both"
+        temperature = self.temperature() if self.temperature is not None else None
+        if not (both or self.cfg.mep_levels):
+            recon = self.forward_decoder(self.forward_encoder(masked))
+            return PretrainOutput(recon, None, [], [], temperature)
+        if self.cfg.branch_forward == "joint":
+            features = self.forward_encoder(torch.cat([masked, original]))  # each (2N, C, h, w)
+            embeddings = self.forward_projection(features)  # each (2N, D)
+            proj_masked, proj_original = [e[:n] for e in embeddings], [e[n:] for e in embeddings]
+            if both:
+                recon = self.forward_decoder(features)  # (2N, 3, S, S)
+                recon_masked, recon_original = recon[:n], recon[n:]
+            else:
+                recon_masked, recon_original = self.forward_decoder([f[:n] for f in features]), None
+        else:
+            f_masked, f_original = self.forward_encoder(masked), self.forward_encoder(original)
+            proj_masked, proj_original = self.forward_projection(f_masked), self.forward_projection(f_original)
+            recon_masked = self.forward_decoder(f_masked)
+            recon_original = self.forward_decoder(f_original) if both else None
+        return PretrainOutput(recon_masked, recon_original, proj_masked, proj_original, temperature)
 
     @torch.no_grad()
     def reconstruct(self, images: Tensor) -> Tensor:

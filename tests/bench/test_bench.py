@@ -233,3 +233,41 @@ def test_quick_changes_the_defaults_and_flags_win():
     assert (full.encoder, full.size, full.batch_size, full.seconds) == ("mit_b2", 256, 8, 10.0)
     with pytest.raises(UserError, match="^--batch-sweep 4 0: batch sizes must be >= 1$"):
         bench.BenchConfig(batch_sweep=(4, 0))
+
+
+def test_profile_writes_a_trace_and_the_top_kernels(tiny_store, tmp_path):
+    """--profile: a torch profiler trace beside --out and the top-20 ops (self CPU time on
+    the CPU) in the result and printed; --no-compile is recorded in the command."""
+    import contextlib
+    import io
+
+    out = tmp_path / "prof.json"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(["bench", "--quick", "--data", str(tiny_store), "--device", "cpu", "--workers", "1",
+                     "--batch-size", "4", "--size", "64", "--seconds", "0.2", "--pool-slices", "8",
+                     "--no-compile", "--profile", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert code == 0, result["errors"]
+    prof = result["profile"]
+    assert prof["device_time"] == "cpu" and prof["steps"] == 3 and prof["batch_size"] == 4
+    assert 1 <= len(prof["top"]) <= 20 and prof["step_ms"] > 0
+    assert all(r["self_ms"] > 0 and 0 < r["share"] <= 1 for r in prof["top"])
+    assert [r["self_ms"] for r in prof["top"]] == sorted((r["self_ms"] for r in prof["top"]), reverse=True)
+    trace = tmp_path / "prof.trace.json"
+    assert prof["trace"] == str(trace) and json.loads(trace.read_text())["traceEvents"]
+    assert "| op | calls/step | self CPU time ms/step | share |" in stdout.getvalue()
+    assert result["train_step"]["compiled"] is False and result["train_step"]["compile_s"] is None
+    assert result["command"].endswith("--no-compile --profile --out " + str(out))
+    assert result["config"]["train"]["compile"] is False
+
+
+def test_compile_defaults_to_the_device():
+    from argparse import ArgumentParser
+
+    parser = ArgumentParser()
+    bench.add_arguments(parser)
+    cpu = bench.config_from_args(parser.parse_args(["--device", "cpu", "--out", "r.json"]))
+    assert cpu.compile is False and cpu.profile is False
+    forced = bench.config_from_args(parser.parse_args(["--device", "cpu", "--compile", "--out", "r.json"]))
+    assert forced.compile is True and bench.train_config(forced).compile is True

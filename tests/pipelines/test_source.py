@@ -332,3 +332,14 @@ def test_the_parallel_source_reads_one_batch_ahead_per_reader_process():
     from tcsmae.pipelines.loader import source_queue_depth
 
     assert [source_queue_depth(w) for w in (0, 1, 2, 4, 8)] == [2, 2, 2, 4, 8]
+
+
+def test_a_full_shared_memory_is_a_user_error_with_the_fix():
+    from tcsmae.pipelines.loader import _readers_user_errors
+
+    with pytest.raises(UserError, match=r"/dev/shm.*--shm-size.*--ipc=host"):
+        with _readers_user_errors():
+            raise RuntimeError("Worker data receiving interrupted")
+    with pytest.raises(RuntimeError, match="something else"):  # other failures pass unchanged
+        with _readers_user_errors():
+            raise RuntimeError("something else")

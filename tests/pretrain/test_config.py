@@ -174,10 +174,10 @@ def test_resuming_on_another_number_of_ranks_is_announced():
 
 # ----------------------------------------------------------------------------- flags derived from the fields
 
-HAND_WRITTEN = ("--data", "--out", "--preset", "--variant", "--config", "--resume")
+HAND_WRITTEN = ("--data", "--out", "--preset", "--variant", "--config", "--resume", "--objective")
 DERIVED = ("--epochs", "--steps-per-epoch", "--batch-size", "--size", "--encoder", "--device", "--precision",
            "--masking", "--rho", "--mep-levels", "--lr", "--seed", "--checkpoint-every", "--log-every",
-           "--workers", "--compile", "--no-compile")
+           "--workers", "--compile", "--no-compile", "--lr-scale", "--mep-head", "--branches", "--branch-forward")
 
 
 def test_every_field_with_a_flag_is_in_the_help_with_its_docstring():
@@ -240,3 +240,14 @@ def test_a_config_file_value_of_the_wrong_type_names_key_value_and_type(tmp_path
     path.write_text(json.dumps({"compile": "yes"}))
     with pytest.raises(UserError, match=r'compile = "yes" is not a boolean \(true/false\) \(now false\)'):
         load_config_file(path, preset("paper"))
+
+
+@pytest.mark.parametrize("name, masking, branches, levels", [
+    ("ae", "none", "masked", ()), ("mae", "patch", "masked", ()),
+    ("patch-unmask", "patch", "both", (4, 5)), ("tcs-mae", "tissue", "both", (4, 5))])
+def test_objective_flag_sets_the_named_objective_and_later_flags_still_apply(name, masking, branches, levels):
+    cfg = pretrain_cmd.build_config(parse("--objective", name))
+    assert (cfg.pipeline.masking, cfg.model.branches, cfg.model.mep_levels) == (masking, branches, levels)
+    assert pretrain_cmd.build_config(parse("--objective", name, "--mep-levels", "F5")).model.mep_levels == (5,)
+    with pytest.raises(SystemExit):
+        parse("--objective", "simclr")

@@ -1,10 +1,12 @@
-"""Two CPU processes with gloo: negatives come from the global batch, and DDP training runs.
+"""Two CPU processes with gloo: negatives come from the global batch, DDP training runs, a
+stop signal and a non-finite loss on one rank act on both.
 
 One spawn serves both checks (process start-up dominates the cost)."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -70,6 +72,31 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         result["stopped"] = None
     except TrainingStopped as stopped:
         result["stopped"] = [stopped.signum, stopped.step]
+    # 4) a NaN in rank 1's batch only: the device-side guard skips that step on both ranks,
+    # as the host-side guard (losses read every step) does, with the same values and state
+    from host_guard import host_guard_step, same_state
+
+    from tcsmae.pretrain.step import build_training, read_steps, train_step
+
+    class NanOnRankOne(SyntheticBatches):
+        def batch(self, epoch, step):
+            b = super().batch(epoch, step)
+            if rank == 1 and step == 1:
+                b["original"] = b["original"].clone()
+                b["original"][0, 0, 0, 0] = float("nan")
+            return b
+
+    guard_cfg = replace(cfg, steps_per_epoch=3)
+    source = NanOnRankOne(2, 64, steps_per_epoch=3, seed=0, rank=rank)
+    device = build_training(guard_cfg, ctx)
+    rows = read_steps([train_step(device, source.batch(0, i), ctx) for i in range(3)])
+    host = build_training(guard_cfg, ctx)
+    reference = [host_guard_step(host, source.batch(0, i), ctx) for i in range(3)]
+    result["guard"] = {"device": [r.finite for r in rows], "host": [f for _, f in reference],
+                       "same_losses": all(a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(
+                           [r.values["loss"] for r in rows], [v["loss"] for v, _ in reference])),
+                       "same_state": same_state(device, host),
+                       "weights": float(sum(p.double().sum() for p in device.core.parameters()))}
     shutdown(ctx)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
@@ -112,3 +139,7 @@ def test_two_process_gloo_global_negatives_and_training(tmp_path):
     assert ranks[0]["stopped"] == ranks[1]["stopped"] == [signal.SIGTERM, 2]
     stop_ckpt = torch.load(tmp_path / "stop" / "checkpoints" / "last.pt", weights_only=True)
     assert stop_ckpt["step"] == 2 and stop_ckpt["data_position"] == {"epoch": 0, "step": 2}
+    for r in ranks:  # the NaN of rank 1 skipped step 2 on both ranks, as the host guard did
+        assert r["guard"]["device"] == r["guard"]["host"] == [True, False, True]
+        assert r["guard"]["same_losses"] and r["guard"]["same_state"]
+    assert ranks[0]["guard"]["weights"] == ranks[1]["guard"]["weights"]

@@ -134,3 +134,22 @@ def test_cosine_variant_is_scaled_one_minus_cosine():
     terms = pretraining_loss(torch.rand(5, 3, 32, 32), torch.rand(5, 3, 32, 32), torch.rand(5, 3, 32, 32),
                              [a], [b], None, LossConfig(contrastive="cosine", cosine_scale=1000.0))
     torch.testing.assert_close(terms.loss_con, want)
+
+
+def test_masked_branch_only_is_the_masked_term_against_the_original():
+    """MAE/AE objectives (no unmasked branch): L_ssim = mean_n (1 - SSIM(R_m, I_o)), and the
+    criterion takes the PretrainOutput with recon_original None."""
+    from tcsmae.pretrain.losses import PretrainingLoss
+    from tcsmae.pretrain.model import PretrainOutput
+
+    rng = np.random.default_rng(7)
+    original = torch.from_numpy(rng.random((2, 3, 32, 32))).float()
+    r_m = torch.from_numpy(rng.random((2, 3, 32, 32))).float().requires_grad_(True)
+    want = np.mean([1 - structural_similarity(r_m[i].detach().numpy(), original[i].numpy(), channel_axis=0,
+                                              gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                              data_range=1.0) for i in range(2)])
+    assert reconstruction_loss(r_m, None, original).item() == pytest.approx(want, abs=1e-6)
+    terms = PretrainingLoss(LossConfig())(PretrainOutput(r_m, None, [], [], None), original)
+    assert terms.loss.item() == pytest.approx(want, abs=1e-6) and terms.loss_con.item() == 0.0
+    terms.loss.backward()
+    assert r_m.grad is not None and r_m.grad.abs().sum() > 0

@@ -70,3 +70,24 @@ def test_wrong_size_encoder_and_levels_are_user_errors():
         TCSMAE(ModelConfig(encoder="mit_b0", mep_levels=(1, 5)), input_size=64)
     with pytest.raises(UserError, match="mep_levels"):
         ModelConfig(mep_levels=(5, 4))
+
+
+@pytest.mark.parametrize("head,levels,size", [("flatten", (4, 5), 64), ("pool", (3, 4, 5), 64),
+                                              ("flatten", (5,), 96)])
+def test_mep_head_parameter_count_without_building_matches_the_model(head, levels, size):
+    from tcsmae.pretrain.model import describe_mep_heads, mep_head_parameters
+
+    cfg = ModelConfig(encoder="mit_b0", projection=head, mep_levels=levels)
+    model = TCSMAE(cfg, input_size=size)
+    assert mep_head_parameters(cfg, size) == model.mep_parameter_count() > 0
+    assert f"{model.mep_parameter_count():,} parameters" in describe_mep_heads(cfg, size)
+    assert describe_mep_heads(ModelConfig(mep_levels=()), 256) == "MEP heads: none (no contrastive term)"
+
+
+def test_paper_flatten_heads_are_14_7_million_parameters():
+    from tcsmae.pretrain.model import mep_head_parameters
+
+    # F4: 320 x 16 x 16 -> 128 and F5: 512 x 8 x 8 -> 128, weights and biases (nothing is built)
+    want = (320 * 16 * 16 + 1) * 128 + (512 * 8 * 8 + 1) * 128
+    assert mep_head_parameters(ModelConfig(), 256) == want == 14_680_320
+    assert mep_head_parameters(ModelConfig(projection="pool"), 256) == (320 + 1) * 128 + (512 + 1) * 128

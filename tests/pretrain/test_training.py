@@ -291,3 +291,24 @@ def test_ablation_variants_train(tmp_path, variant):
             assert h["loss_con"] == 0.0 and h["loss"] == h["loss_ssim"]
         else:
             assert 0 < h["loss_con"] <= 3 * 2000  # 1000 * (1 - cos) <= 2000 per level, F3..F5
+
+
+def test_a_sigterm_during_a_step_stops_after_that_step(tmp_path):
+    """One process: a signal that arrives while step 3 runs (a scheduler does not wait for a
+    step boundary) saves step 3, not step 4: on a slow machine one more step can outlast the
+    grace period."""
+    cfg = tiny_config(epochs=1, steps_per_epoch=6, checkpoint_every=0)
+    setup = build_training(cfg, CPU)
+    graph, calls = setup.graph, []
+
+    def signalled_graph(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return graph(*args)
+
+    setup.graph = signalled_graph
+    with pytest.raises(TrainingStopped) as stopped:
+        pretrain(cfg, SyntheticBatches(4, 64, steps_per_epoch=6, seed=2), tmp_path, CPU, setup=setup)
+    assert stopped.value.step == 3 and len(calls) == 3
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 3
