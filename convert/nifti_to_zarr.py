@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from tcsmae.convert.manifest import NIFTI_SUFFIXES, read_manifest
-from tcsmae.errors import UserError
+from tcsmae.errors import UserError, script_main
 from tcsmae.store.format import check_case_id, storage_dtype
 from tcsmae.store.geometry import grid_mismatch, nifti_to_store_grid
 from tcsmae.store.repair import conversion_arguments
@@ -377,8 +378,4 @@ def run(args) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
-    from tcsmae.errors import script_main
-
     sys.exit(script_main("tcsmae.convert.nifti_to_zarr", "nifti_to_zarr.py"))

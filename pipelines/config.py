@@ -1,6 +1,6 @@
 """Preprocessing settings: one frozen dataclass, saved with every checkpoint via `asdict`.
 
-The defaults are the method's (../shared/reference/method-notes.md, "Input image" and
+The defaults are the method's (docs/method.md, after the method notes' "Input image" and
 "Tissue mask"). Order of operations, fixed for every path: pad to a square (when resizing)
 -> [augment] -> windows -> edges -> resize (lung, mediastinal, edge, HU) -> mask from the
 resized HU -> I_m = M * I_o (docs/pipelines.md, "Order of operations").

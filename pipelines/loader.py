@@ -1,19 +1,12 @@
 """PyTorch-facing loader: store -> DALI pipeline -> dict of torch tensors on the device.
 
     loader = make_loader("ct.zarr", PipelineConfig(), batch_size=30, device="cuda")
-    for epoch in range(start_epoch, 60):
-        loader.set_epoch(epoch)
-        for batch in loader:                      # len(loader) batches (per rank)
-            batch["original"], batch["masked"]    # (N, 3, H, W) cfg.dtype, 0..1
-            batch["original_input"]               # after set_network_inputs (masked then too)
-            batch["mask"]                         # (N, 1, H, W) float32, 0|1
-            batch["case_index"], batch["z"]       # (N,) int64: which slice each sample is
-            batch["label"]                        # (N, H, W) int64 (with_labels=True only)
-        state = loader.position                   # (epoch, step) for a checkpoint
+    for batch in loader:      # one epoch: original, masked (N, 3, H, W), mask (N, 1, H, W),
+        ...                   # case_index, z (N,) int64; label (N, H, W) with labels
+    loader.position           # (epoch, step) of the next batch, for a checkpoint
 
-With labels (fine-tuning) masking is off (`masked` == `original`) and labels follow the same
-geometry with nearest-neighbour resampling. Resume: make_loader(..., epoch=e, step=s) starts
-at batch s of epoch e and yields the same batches and masks as an uninterrupted run.
+Resuming at (epoch, step) yields the same batches and masks as an uninterrupted run; the
+keys, dtypes and fine-tuning mode are described at `SliceLoader`.
 """
 
 from __future__ import annotations
@@ -160,7 +153,15 @@ def build_source_pipeline(source, batch_size: int, py_workers: int):
 
 
 class SliceLoader:
-    """Iterates one epoch per `for` loop; see the module doc. Build with make_loader."""
+    """Iterates one epoch per `for` loop; build with make_loader.
+
+    Each batch: "original", "masked" (N, 3, H, W) cfg.dtype in 0..1; "mask" (N, 1, H, W)
+    float32 0|1; "case_index", "z" (N,) int64, which slice each sample is; after
+    set_network_inputs also "original_input" (and "masked") in the network's dtype and
+    layout; with labels "label" (N, H, W) int64, masking off (masked == original) and labels
+    resampled nearest-neighbour on the same geometry. `position` is (epoch, step) of the next
+    batch; set_epoch(e) starts epoch e at step 0.
+    """
 
     def __init__(self, store_path, cfg: PipelineConfig, batch_size: int, device: str = "cpu",
                  rank: int = 0, world_size: int = 1, epoch: int = 0, step: int = 0,
@@ -212,7 +213,7 @@ class SliceLoader:
     def set_network_inputs(self, dtype, channels_last: bool = True) -> None:
         """Hand the network's inputs ready, made in the copy out of DALI's buffers that every
         batch gets anyway: `masked` in `dtype` (a torch dtype or its name), channels_last
-        when asked, and `original_input`, `original` in that dtype and layout. `original`
+        when asked, and `original_input`: a copy of `original` in that dtype and layout. `original`
         itself keeps cfg.dtype and the contiguous layout (pretraining's SSIM target)."""
         import torch
 

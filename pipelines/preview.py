@@ -122,7 +122,6 @@ def run(args) -> int:
     if args.n < 1:
         raise UserError(f"--n {args.n}: give at least 1 slice")
     if args.device == "cuda":
-
         resolve_device("cuda")  # UserError without a GPU
     cfg = PipelineConfig(size=args.size, seed=args.seed, masking=args.masking, rho=args.rho)
     batch = preview_batch(args.data, cfg, args.n, args.device)

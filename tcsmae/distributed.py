@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from tcsmae.device import resolve_device  # also imported from here by engine and bench
+from tcsmae.device import resolve_device  # also imported from here by tcsmae.bench
 
 
 @dataclass(frozen=True)

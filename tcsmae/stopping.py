@@ -41,9 +41,10 @@ class GracefulStop:
       already got it).
     - A process that has not stopped `GRACE_S` seconds after SIGTERM (stuck in a collective
       or a data call) exits with 128 + SIGTERM, unsaved, as an unhandled SIGTERM would.
-    - Under DDP the ranks agree after every step (a flag in the losses' all-reduce), so a
-      signal that reaches one rank only, or the ranks at different steps, stops all of them
-      after the same step: the checkpoint's barrier never waits for a rank that went on.
+    - Under DDP the signal travels in every step's loss all-reduce and the ranks read it
+      with the losses, every `--log-every` steps, so a signal that reaches one rank only, or
+      the ranks at different steps, stops all of them after the same step (the next read):
+      the checkpoint's barrier never waits for a rank that went on.
     - Processes forked inside the context (DALI's readers on the CPU path) leave Ctrl-C to
       the parent and die on SIGTERM by the default action.
     """

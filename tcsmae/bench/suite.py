@@ -53,11 +53,12 @@ def run_bench(cfg: BenchConfig, say=print, save=None, trace_path=None) -> dict:
     save: optional callable given the result so far after every stage (`complete` is False
     until the end), so a run killed by a time limit still leaves its finished stages.
     With cfg.profile, `profile` holds the training step's top kernels (probe.profile_steps)
-    and the profiler trace is written to `trace_path` (when given)."""
+    and the profiler trace is written to `trace_path` (when given). One function on purpose:
+    the stages read top to bottom in the order they run, each one call into its own module,
+    with the shared result dict and failure handling in one place."""
     import traceback
 
     import torch
-
 
     started = time.perf_counter()
     resolve_device(cfg.device)  # UserError for --device cuda without a GPU

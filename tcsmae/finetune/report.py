@@ -208,6 +208,5 @@ def run(args) -> int:
     text = format_report(runs, args.by)
     print(text, end="")
     if args.out:
-
         write_text_atomic(args.out, text)
     return 0

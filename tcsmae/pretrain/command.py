@@ -1,20 +1,11 @@
 """`tcsmae pretrain`: TCS-MAE pretraining on a store (or on the embedded phantom default).
 
-    tcsmae pretrain [--data STORE.zarr] [--out DIR] [--preset paper|demo] [--config FILE]
-                    [--epochs N] [--steps-per-epoch N] [--batch-size N] [--size PX]
-                    [--encoder NAME] [--device cpu|cuda] [--resume CKPT] ...
-
-Configuration is layered: preset (default `paper`) -> `--variant` -> `--config FILE`
-(JSON, nested like DIR/config.json) -> explicit flags. With `--resume CKPT` the
-checkpoint's own configuration replaces the preset, and only the file and flags given
-change it (the input size and encoder cannot: the layer sizes depend on them).
-
-Multi-GPU / multi-node: `torchrun --nproc-per-node G -m tcsmae pretrain ...`; `--batch-size`
-is per rank; the global batch and the lr used (`--lr-scale`: none, the paper's lr at any
-batch; linear or sqrt in the global batch / 30) are printed at the start. On CUDA the
-training step is compiled unless --no-compile (or a config file) says otherwise.
-
-Writes DIR/config.json, DIR/metrics.jsonl, DIR/checkpoints/last.pt, DIR/tensorboard/.
+Configuration is layered: preset (default `paper`) -> device defaults (the step compiled on
+CUDA) -> `--variant` -> `--objective` -> `--config FILE` -> explicit flags; with `--resume`
+the checkpoint's configuration replaces the preset (input size and encoder stay). Under
+torchrun `--batch-size` is per rank; the global batch and the lr in use (`--lr-scale`) are
+printed at the start. Writes DIR/config.json, metrics.jsonl, checkpoints/last.pt and
+tensorboard/.
 """
 
 from __future__ import annotations

@@ -70,7 +70,6 @@ def checkpoint_payload(setup: TrainingSetup, cfg: TrainConfig, pos: Position, ct
         return None
     import segmentation_models_pytorch as smp
 
-
     temp = setup.core.temperature
     versions = {"tcsmae": str(tcsmae_version), "torch": str(torch.__version__), "smp": str(smp.__version__),
                 "git": git_revision()}
@@ -127,6 +126,8 @@ def train_one_epoch(setup: TrainingSetup, batches: Iterable[dict], n_steps: int,
                     cfg: TrainConfig, ctx: DistContext, log: MetricsLog,
                     on_checkpoint: Callable[[Position], None], stop: GracefulStop | None = None) -> None:
     """Train on `batches` (the rest of epoch pos.epoch) until the epoch has n_steps steps.
+    (Longer than most functions here: `read_back` shares the loop's unread steps, position
+    and throughput clock, which a module-level function would have to be handed each time.)
 
     The host reads the steps' values (one sync for all unread steps) every cfg.log_every
     steps, before a checkpoint and at the epoch's last step; metrics.jsonl gets a line for

@@ -1,18 +1,11 @@
-"""TCS-MAE losses (paper Eq. 13-18, as pinned down in method-notes "Losses").
+"""TCS-MAE losses (paper Eq. 13-18, as docs/method.md pins them down).
 
-Pure functions do the arithmetic; the thin modules only hold options (smp's style):
-
-    ssim_loss(recon, target, ...)             mean_n (1 - SSIM(recon_n, target_n))
-    reconstruction_loss(r_m, r_o, original)   Eq. 14: both branches against the ORIGINAL
-                                              (r_o None: the masked branch alone, MAE/AE)
-    nt_xent(z_m, z_o, temperature)            Eq. 17 read as SimCLR's symmetric NT-Xent
-    global_nt_xent(z_m, z_o, temperature)     the same with negatives from every DDP rank
-    cosine_embedding_variant(p_m, p_o)        the authors' public code (x 1000), a named option
-    pretraining_loss(...)                     Eq. 18: L = L_ssim + lambda * L_con
-
-All of them compute in float32: callers pass tensors produced under bf16 autocast and the
-functions upcast and disable autocast themselves, because pytorch-msssim's SSIM in bf16
-loses about 3e-4, the size of late-training improvements (method-notes).
+Pure functions do the arithmetic and the thin modules only hold options (smp's style):
+`reconstruction_loss` (Eq. 14: both branches against the ORIGINAL; the masked branch alone
+for MAE/AE), `nt_xent` / `global_nt_xent` (Eq. 17 read as SimCLR's symmetric NT-Xent, with
+negatives from every DDP rank), `cosine_embedding_variant` (the authors' public code) and
+`pretraining_loss` (Eq. 18). All compute in float32 outside autocast: pytorch-msssim's SSIM
+in bf16 loses about 3e-4, the size of late-training improvements.
 """
 
 from __future__ import annotations
@@ -217,7 +210,7 @@ class PretrainingLoss(nn.Module):
         self.cfg = cfg
 
     def forward(self, out, original: Tensor) -> LossTerms:
-        """out: a `tcsmae.model.PretrainOutput`; original: (N, 3, H, W) in 0..1."""
+        """out: a `tcsmae.pretrain.model.PretrainOutput`; original: (N, 3, H, W) in 0..1."""
         return pretraining_loss(
             out.recon_masked, out.recon_original, original,
             out.proj_masked, out.proj_original, out.temperature, self.cfg,

@@ -1,23 +1,12 @@
-"""The TCS-MAE network: one smp U-Net for both branches plus the MEP projection heads.
+"""The TCS-MAE network: one smp U-Net for both views plus the MEP projection heads.
 
-Forward is split into named stages (MAE's style):
-
-    features = model.forward_encoder(images)       # smp encoder: 6 maps, F1..F5 = [1:]
-    recon = model.forward_decoder(features)        # U-Net decoder + head, sigmoid in fp32
-    embeddings = model.forward_projection(features)  # one (B, D) per MEP level (Eq. 16)
-    out = model(masked, original)                  # the objective's branches, see `forward`
-
-One set of weights serves both views. `model.branch_forward` 'joint' runs them as one batch
-of 2N (BatchNorm statistics over both views), 'separate' as two batches of N (per view);
-`model.branches` 'masked' (MAE, AE) reconstructs the masked view only, and without MEP
-levels the original view never enters the network.
-For mit_b2 at 256x256 the MiT encoder maps are 64@64x64 (F2), 128@32x32 (F3), 320@16x16
-(F4) and 512@8x8 (F5); F1 is smp's empty 0-channel map. Because MEP flattens, the Linear
-sizes depend on the input size: a model is built for one `input_size`.
-
-The `unet` attribute is a plain `smp.Unet(encoder_name, encoder_weights, in_channels=3,
-classes=3)` with no activation (the sigmoid is applied here in float32), so its state dict
-is exactly what `tcsmae export` writes. No DALI, zarr or argparse here.
+Forward in named stages (MAE's style): `forward_encoder` (smp's 6 maps, F1..F5 = [1:]),
+`forward_decoder` (U-Net decoder + head, sigmoid in fp32), `forward_projection` (one (B, D)
+per MEP level, Eq. 16); `forward(masked, original)` runs the objective's branches, jointly
+(one batch of 2N) or separately (per-view BatchNorm). The `unet` attribute is a plain
+`smp.Unet(..., classes=3)` without activation, so its state dict is what `tcsmae export`
+writes; flattened MEP heads tie a model to one input size (layer sizes: `TCSMAE`).
+No DALI, zarr or argparse here.
 """
 
 from __future__ import annotations
@@ -114,6 +103,9 @@ class TCSMAE(nn.Module):
 
     cfg: the model config; input_size: training image side in pixels (multiple of 32);
     loss_cfg: decides whether a temperature is learnt (NT-Xent with at least one level).
+    For mit_b2 at 256x256 the MiT encoder maps are 64@64x64 (F2), 128@32x32 (F3), 320@16x16
+    (F4) and 512@8x8 (F5); F1 is smp's empty 0-channel map. Flattened MEP heads take
+    C * H * W inputs, so a model is built for one input size.
     """
 
     def __init__(self, cfg: ModelConfig, input_size: int, loss_cfg: LossConfig | None = None):

@@ -9,10 +9,12 @@ damaged case. Details: docs/store-format.md, "Checking a store".
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 
+from tcsmae.errors import script_main
 from tcsmae.store.checks import broken_group_files
 from tcsmae.store.reader import open_store
 from tcsmae.store.verify import CaseCheck, verify_case
@@ -130,15 +132,4 @@ def run(args) -> int:
 
 
 if __name__ == "__main__":
-    import argparse
-    import sys
-
-    from tcsmae.errors import UserError
-
-    _parser = argparse.ArgumentParser(prog="info.py", description=HELP)
-    add_arguments(_parser)
-    try:
-        sys.exit(run(_parser.parse_args()))
-    except UserError as _exc:
-        print(f"info.py: error: {_exc}", file=sys.stderr)
-        sys.exit(_exc.exit_code)
+    sys.exit(script_main("tcsmae.store.info", "info.py"))

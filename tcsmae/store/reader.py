@@ -109,7 +109,6 @@ class CTStore:
     def _reader(self, key: str):
         """The direct shard reader of array `key`, or None (zarr-python fallback)."""
         if key not in self._readers:
-
             self._readers[key] = ShardedSliceReader.for_array(
                 self.path / key, shards_required=key.startswith("images/"))
         return self._readers[key]

@@ -1,6 +1,6 @@
 """DSC and HD95 on shapes with known answers, checked against an independent computation.
 
-The reference here shares no code with tcsmae.metrics: surfaces come from explicit
+The reference here shares no code with tcsmae.finetune.metrics: surfaces come from explicit
 neighbour shifts, distances from a k-d tree over surface points in mm.
 """
 
