@@ -177,7 +177,8 @@ def test_resuming_on_another_number_of_ranks_is_announced():
 HAND_WRITTEN = ("--data", "--out", "--preset", "--variant", "--config", "--resume", "--objective")
 DERIVED = ("--epochs", "--steps-per-epoch", "--batch-size", "--size", "--encoder", "--device", "--precision",
            "--masking", "--rho", "--mep-levels", "--lr", "--seed", "--checkpoint-every", "--log-every",
-           "--workers", "--compile", "--no-compile", "--lr-scale", "--mep-head", "--branches", "--branch-forward")
+           "--workers", "--compile", "--no-compile", "--lr-scale", "--mep-head", "--branches", "--branch-forward",
+           "--intervals")
 
 
 def test_every_field_with_a_flag_is_in_the_help_with_its_docstring():
@@ -251,3 +252,8 @@ def test_objective_flag_sets_the_named_objective_and_later_flags_still_apply(nam
     assert pretrain_cmd.build_config(parse("--objective", name, "--mep-levels", "F5")).model.mep_levels == (5,)
     with pytest.raises(SystemExit):
         parse("--objective", "simclr")
+
+
+def test_intervals_flag_sets_k_of_the_tissue_mask():
+    cfg = pretrain_cmd.build_config(parse("--intervals", 6, "--rho", 0.35))
+    assert (cfg.pipeline.intervals, cfg.pipeline.rho, cfg.pipeline.n_masked_intervals) == (6, 0.35, 2)
